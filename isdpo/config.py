@@ -1,0 +1,81 @@
+"""Validation of the composed config at start: a bad value stops the run with a message
+that names the key and the allowed values, before any model is loaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from isdpo.losses import build_loss
+from isdpo.trainer import accumulation
+
+STAGES = ("sft", "align", "evaluate", "pipeline")
+TASKS = ("synthetic",)
+LOGGERS = ("wandb", "csv", "none")
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the allowed values."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _number(cfg, key: str):
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+             f"{key} must be a number (got {value!r})")
+    return value
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError on the first invalid value."""
+    _require(cfg.stage in STAGES, f"stage={cfg.stage!r} is not known; allowed: {', '.join(STAGES)}")
+    _require(cfg.task.name in TASKS, f"task.name={cfg.task.name!r} is not known; allowed: {', '.join(TASKS)}")
+    _require(_number(cfg, "beta") > 0, f"beta must be > 0 (got {cfg.beta})")
+    try:
+        build_loss(cfg.loss.base, cfg.beta, OmegaConf.to_container(cfg.loss.params, resolve=True),
+                   OmegaConf.to_container(cfg.loss.importance_sampling, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _require(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r} is not known; allowed: {', '.join(LOGGERS)}")
+    if cfg.logger.name == "wandb":
+        _require(cfg.logger.mode in WANDB_MODES,
+                 f"logger.mode={cfg.logger.mode!r} is not known; allowed: {', '.join(WANDB_MODES)}")
+
+    hw = cfg.hardware
+    _require(hw.accelerator in ACCELERATORS,
+             f"hardware.accelerator={hw.accelerator!r} is not known; allowed: {', '.join(ACCELERATORS)}")
+    for key in ("devices", "num_nodes", "per_device_batch_size"):
+        _require(_number(cfg, f"hardware.{key}") >= 1, f"hardware.{key} must be >= 1 (got {hw[key]})")
+    _require(_number(cfg, "hardware.num_workers") >= 0, f"hardware.num_workers must be >= 0 (got {hw.num_workers})")
+
+    tr, ev = cfg.task.train, cfg.task.eval
+    _require(_number(cfg, "task.train.global_batch_size") >= 1,
+             f"task.train.global_batch_size must be >= 1 (got {tr.global_batch_size})")
+    try:
+        accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _require(_number(cfg, "task.train.lr") > 0, f"task.train.lr must be > 0 (got {tr.lr})")
+    _require(_number(cfg, "task.train.max_steps") >= 1, f"task.train.max_steps must be >= 1 (got {tr.max_steps})")
+    _require(_number(cfg, "task.train.gradient_clip_val") >= 0,
+             f"task.train.gradient_clip_val must be >= 0 (got {tr.gradient_clip_val})")
+    _require(_number(cfg, "task.eval.temperature") > 0, f"task.eval.temperature must be > 0 (got {ev.temperature})")
+    _require(0 < _number(cfg, "task.eval.top_p") <= 1, f"task.eval.top_p must be in (0, 1] (got {ev.top_p})")
+    _require(_number(cfg, "task.eval.every_n_steps") >= 0,
+             f"task.eval.every_n_steps must be >= 0 (got {ev.every_n_steps})")
+    for key in ("n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
+        _require(_number(cfg, f"task.eval.{key}") >= 1, f"task.eval.{key} must be >= 1 (got {ev[key]})")
+
+    model = cfg.model
+    if model.pretrained and str(model.pretrained).startswith(("/", ".", "~")):
+        path = Path(str(model.pretrained)).expanduser()
+        _require(path.exists(), f"model.pretrained={model.pretrained!r}: no such file or directory")
+        if model.gguf_file:
+            _require((path / model.gguf_file).exists(),
+                     f"model.gguf_file={model.gguf_file!r}: not found in {path}")

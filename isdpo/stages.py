@@ -1,0 +1,186 @@
+"""The experiment's stages: sft -> align -> evaluate, and pipeline (all of them).
+
+Each stage takes the composed config (an omegaconf DictConfig or a plain
+mapping) and reads/writes files under ``cfg.paths``; nothing here imports Hydra.
+The SFT reference is cached by a hash of what it depends on, so every job of a
+sweep reuses it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from isdpo.cache import cached_dir, config_hash
+from isdpo.callbacks import EvalCallback, read_jsonl
+from isdpo.data.collate import PreferenceCollator, SFTCollator
+from isdpo.losses import build_loss
+from isdpo.models import freeze, load_causal_lm
+from isdpo.module import PreferenceModule, SFTModule
+from isdpo.trainer import accumulation, build_logger, build_trainer
+
+STAGES = ("sft", "align", "evaluate", "pipeline")
+
+
+def task_runtime(cfg):
+    name = cfg.task.name
+    if name == "synthetic":
+        from isdpo.data.synthetic_runtime import SyntheticRuntime
+
+        return SyntheticRuntime(cfg.task, cfg.paths.cache_dir)
+    raise ValueError(f"task.name={name!r} is not known; allowed: synthetic")
+
+
+def _container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def run_dir(cfg) -> Path:
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _logger(cfg, job_type: str):
+    out = run_dir(cfg)
+    return build_logger(
+        cfg.logger, run_dir=out, run_name=cfg.run_name, group=cfg.experiment, job_type=job_type,
+        tags=[f"loss:{cfg.loss.name}", f"beta:{cfg.beta}", f"task:{cfg.task.name}", f"seed:{cfg.seed}"],
+        # Deterministic from the output folder (itself deterministic from the overrides): a requeued or
+        # rerun job continues the same W&B run.
+        run_id=f"{config_hash(str(out.resolve()), 10)}-{job_type}", config=_container(cfg),
+    )
+
+
+def _finish(logger) -> None:
+    if logger and hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
+def run_sft(cfg, fast_dev_run: bool = False) -> Path:
+    """Train (or fetch from the cache) the reference policy; returns its directory."""
+    rt = task_runtime(cfg)
+    key = {"task": rt.sft_key(), "model": _container(cfg.model), "sft": _container(cfg.task.sft),
+           "fast_dev_run": fast_dev_run}
+
+    def build(tmp: Path) -> None:
+        L.seed_everything(cfg.task.sft.seed, workers=True, verbose=False)
+        model = load_causal_lm(cfg.model, vocab_size=rt.vocab_size)
+        data = rt.sft_examples()
+        hw = cfg.hardware
+        loader = DataLoader(data, batch_size=min(cfg.task.sft.batch_size, hw.per_device_batch_size * 4),
+                            shuffle=True, collate_fn=SFTCollator(rt.pad_id), num_workers=hw.num_workers)
+        module = SFTModule(model, lr=cfg.task.sft.lr, weight_decay=cfg.task.sft.weight_decay,
+                           warmup_steps=cfg.task.sft.warmup_steps, schedule=cfg.task.sft.schedule)
+        trainer = build_trainer(hw, max_steps=-1, max_epochs=cfg.task.sft.epochs, accumulate=1,
+                                run_dir=tmp, logger=False, callbacks=[], fast_dev_run=fast_dev_run)
+        trainer.fit(module, loader)
+        model.save_pretrained(tmp / "model")
+        (tmp / "lightning_logs").exists() and __import__("shutil").rmtree(tmp / "lightning_logs")
+
+    path, hit = cached_dir(cfg.paths.cache_dir, "sft", key, build)
+    print(f"[isdpo] SFT reference {'reused from cache' if hit else 'trained'}: {path}")
+    return path
+
+
+def _load_reference(cfg, ref_dir: Path):
+    rt = task_runtime(cfg)
+    return rt, freeze(load_causal_lm(cfg.model, vocab_size=rt.vocab_size, path=str(ref_dir / "model")))
+
+
+def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> dict:
+    """Preference training with the configured loss; writes metrics.jsonl, the policy and result.json."""
+    ref_dir = ref_dir or run_sft(cfg, fast_dev_run=fast_dev_run)
+    out = run_dir(cfg)
+    rt, reference = _load_reference(cfg, ref_dir)
+    loss_fn = build_loss(cfg.loss.base, cfg.beta, _container(cfg.loss.params),
+                         _container(cfg.loss.importance_sampling))
+    pairs = rt.preference_examples(reference, ref_dir)
+    evaluator = rt.evaluator(reference, cfg.task.eval)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # The policy starts as a copy of the reference (both from the SFT checkpoint).
+    policy = load_causal_lm(cfg.model, vocab_size=rt.vocab_size, path=str(ref_dir / "model"))
+    hw, tr = cfg.hardware, cfg.task.train
+    acc = accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
+    loader = DataLoader(pairs, batch_size=hw.per_device_batch_size, shuffle=True, drop_last=True,
+                        collate_fn=PreferenceCollator(rt.pad_id), num_workers=hw.num_workers)
+    module = PreferenceModule(policy, reference, loss_fn, lr=tr.lr, weight_decay=tr.weight_decay,
+                              warmup_steps=tr.warmup_steps, schedule=tr.schedule,
+                              response_only=tr.response_only_logits)
+    metrics_path = out / "metrics.jsonl"
+    callbacks = [EvalCallback(evaluator, metrics_path, cfg.task.eval.every_n_steps)]
+    logger = _logger(cfg, "align")
+    ckpt = out / "checkpoints" / "last.ckpt"
+    try:
+        trainer = build_trainer(hw, max_steps=tr.max_steps, accumulate=acc, run_dir=out, logger=logger,
+                                callbacks=callbacks, gradient_clip_val=tr.gradient_clip_val,
+                                checkpoint_every_n_steps=0 if fast_dev_run else tr.checkpoint_every_n_steps,
+                                fast_dev_run=fast_dev_run)
+        resume = str(ckpt) if tr.resume and ckpt.exists() and not fast_dev_run else None
+        if resume:
+            print(f"[isdpo] resuming from {resume}")
+        started = time.time()
+        trainer.fit(module, loader, ckpt_path=resume)
+        policy.save_pretrained(out / "policy")
+        result = write_result(cfg, out, time.time() - started, ref_dir)
+    finally:
+        _finish(logger)
+    return result
+
+
+def write_result(cfg, out: Path, seconds: float, ref_dir: Path) -> dict:
+    """result.json: the final and the peak evaluation point of metrics.jsonl, plus what the run was."""
+    rows = read_jsonl(out / "metrics.jsonl")
+    final = rows[-1] if rows else None
+    peak = max(rows, key=lambda r: r["win_rate"]) if rows else None
+    result = {
+        "status": "completed", "task": cfg.task.name, "loss": cfg.loss.name, "beta": float(cfg.beta),
+        "seed": int(cfg.seed), "run_name": cfg.run_name, "experiment": cfg.experiment,
+        "final": final, "peak": peak, "n_eval_points": len(rows), "train_seconds": round(seconds, 1),
+        "reference_dir": str(ref_dir), "output_dir": str(out),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_evaluate(cfg, ref_dir: Path | None = None) -> dict:
+    """Evaluate ``<output_dir>/policy`` (or the reference if there is none yet) once."""
+    ref_dir = ref_dir or run_sft(cfg)
+    rt, reference = _load_reference(cfg, ref_dir)
+    out = run_dir(cfg)
+    policy_dir = out / "policy"
+    policy = load_causal_lm(cfg.model, vocab_size=rt.vocab_size,
+                            path=str(policy_dir if policy_dir.exists() else ref_dir / "model"))
+    res = rt.evaluator(reference, cfg.task.eval)(policy)
+    prompts, responses, scores = res.pop("samples")
+    with (out / "samples.jsonl").open("w") as fh:
+        for p, r, s in zip(prompts, responses, scores.tolist()):
+            fh.write(json.dumps({"prompt_ids": p, "response_ids": r, "golden_reward": s}) + "\n")
+    res["policy"] = str(policy_dir if policy_dir.exists() else ref_dir / "model")
+    (out / "evaluation.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def run_stage(cfg, fast_dev_run: bool = False) -> Any:
+    stage = cfg.stage
+    if stage == "sft":
+        return run_sft(cfg, fast_dev_run=fast_dev_run)
+    if stage == "align":
+        return run_align(cfg, fast_dev_run=fast_dev_run)
+    if stage == "evaluate":
+        return run_evaluate(cfg)
+    if stage == "pipeline":
+        ref = run_sft(cfg, fast_dev_run=fast_dev_run)
+        result = run_align(cfg, ref_dir=ref, fast_dev_run=fast_dev_run)
+        run_evaluate(cfg, ref_dir=ref)
+        return result
+    raise ValueError(f"stage={stage!r} is not known; allowed: {', '.join(STAGES)}")

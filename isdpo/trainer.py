@@ -1,0 +1,101 @@
+"""Building the Lightning Trainer and logger from the config's hardware/train/logger blocks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``<path>.tmp`` then renames: a job killed mid-write never leaves a truncated last.ckpt."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = str(path)
+        if get_filesystem(path).protocol not in ("file", ("file", "local")) and "://" in path:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def accumulation(global_batch: int, per_device: int, devices: int, num_nodes: int) -> int:
+    """Gradient-accumulation steps that keep the global batch fixed across hardware."""
+    world = per_device * devices * num_nodes
+    if global_batch % world:
+        raise ValueError(
+            f"train.global_batch_size={global_batch} is not a multiple of hardware.per_device_batch_size "
+            f"x devices x num_nodes = {per_device} x {devices} x {num_nodes} = {world}"
+        )
+    return global_batch // world
+
+
+def wandb_mode(mode: str) -> str:
+    """``auto``: online only when a key is configured, so a run never fails for lack of network."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path(os.path.expanduser("~/.netrc")).exists() and (
+        "api.wandb.ai" in Path(os.path.expanduser("~/.netrc")).read_text()
+    )
+    return "online" if has_key else "offline"
+
+
+def flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"loss.name": "isdpo", ...}``: W&B groups and filters on flat keys."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def build_logger(logger_cfg: Mapping[str, Any], *, run_dir: Path, run_name: str, group: str, job_type: str,
+                 tags: list[str], run_id: str, config: Mapping[str, Any]):
+    kind = logger_cfg["name"]
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version=job_type)
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        logger = WandbLogger(
+            project=logger_cfg["project"], entity=logger_cfg.get("entity"), name=run_name, group=group,
+            job_type=job_type, tags=tags, id=run_id, resume="allow", save_dir=str(run_dir),
+            mode=wandb_mode(logger_cfg.get("mode", "auto")),
+        )
+        logger.log_hyperparams(flat_config(config))
+        return logger
+    raise ValueError(f"logger.name={kind!r} is not known; allowed: wandb, csv, none")
+
+
+def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run_dir: Path, logger,
+                  callbacks: list, gradient_clip_val: float = 0.0, checkpoint_every_n_steps: int = 0,
+                  fast_dev_run: bool = False, progress: bool = True, max_epochs: int | None = None) -> L.Trainer:
+    """A Trainer; with ``checkpoint_every_n_steps`` > 0 it keeps an atomic ``checkpoints/last.ckpt``."""
+    callbacks = list(callbacks)
+    plugins = []
+    if checkpoint_every_n_steps > 0:
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                         every_n_train_steps=checkpoint_every_n_steps))
+        plugins.append(AtomicCheckpointIO())
+    return L.Trainer(
+        accelerator=hw["accelerator"], devices=hw["devices"], num_nodes=hw["num_nodes"],
+        precision=hw["precision"], strategy=hw["strategy"], max_steps=max_steps,
+        max_epochs=max_epochs if max_epochs is not None else -1,
+        accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val or None, logger=logger,
+        callbacks=callbacks, plugins=plugins or None, enable_checkpointing=checkpoint_every_n_steps > 0,
+        default_root_dir=str(run_dir), fast_dev_run=fast_dev_run, enable_progress_bar=progress,
+        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=True,
+    )
