@@ -29,9 +29,9 @@ Options that are NOT the paper's are labelled as such where they appear (``weigh
 ``lower_log_clip``, ``self_normalize``).
 
 Numerics: inputs in bf16/fp16/fp32 are computed in fp32 and float64 stays float64 (for
-``torch.autograd.gradcheck``); sequence log-ratios of +-1e4 give finite losses, gradients and
-metrics, because log-sigmoids use ``F.logsigmoid`` and weights are clipped in log space before
-``exp``.
+``torch.autograd.gradcheck``); with the default clips, sequence log-ratios of +-1e4 give finite
+losses, gradients and metrics, because log-sigmoids use ``F.logsigmoid`` and weights are clipped
+in log space before ``exp``.
 
 Metric names follow TRL's DPOTrainer ("rewards/chosen", ...) so dashboards carry over; the
 importance-sampling diagnostics live under "is/".
@@ -314,8 +314,8 @@ def chipo_loss(logps: PairLogps, beta: float, *, log_ratio_clip: float | None = 
     ``c = log_ratio_clip`` (default 10, cap e^10 ~ 2.2e4 on each ratio) is this library's
     stability clip: fp32 exp overflows at r ~ 88 and inf - inf is nan, so each log-ratio is
     capped before exp. Above the cap the exp term is constant (zero gradient) and only the
-    DPO-like log term acts; in practice the log-sigmoid is already saturated there whenever
-    r_w is the capped one. ``null`` disables the cap (then |r| > 88 in fp32 can give nan).
+    DPO-like log term acts; when it is r_w that is capped the log-sigmoid is typically
+    saturated already (beta * e^10 is ~220 at beta = 0.01). ``null`` disables the cap (then |r| > 88 in fp32 can give nan).
     Huang et al.'s algorithm instead clips the whole argument to [-2 R_max, 2 R_max] for its
     guarantees; that clip is not implemented here.
     """
@@ -337,10 +337,10 @@ def rdpo_loss(logps: PairLogps, beta: float, *, alpha: float = 0.01):
 
         f = -log sigmoid(beta * rho + alpha * (|y_w| - |y_l|))          (alpha = 0.01)
 
-    SIGN - read before comparing with other code. The brief and PAPER.md write R-DPO as
-    ``beta*rho - alpha*(|y_w| - |y_l|)`` and say the IS-DAA paper's released code has the
-    opposite sign (adds the term). This implementation ADDS it, because that is what Park et
-    al.'s construction gives: they maximise E[r(x,y)] - alpha*|y| - beta*KL, whose optimum has
+    SIGN - read before comparing with other code. The project's PAPER.md (section 4) writes
+    R-DPO as ``beta*rho - alpha*(|y_w| - |y_l|)`` and says the IS-DAA paper's released code has
+    the opposite sign (adds the term). This implementation ADDS it (the sign PAPER.md ascribes
+    to the released code), because that is what Park et al.'s construction gives: they maximise E[r(x,y)] - alpha*|y| - beta*KL, whose optimum has
     r = beta*log(pi/pi_ref) + alpha*|y| + const, so the Bradley-Terry likelihood of the labels
     is sigmoid(beta*rho + alpha*(|y_w| - |y_l|)). That sign is the regulariser: when the chosen
     response is longer, the length term already explains part of the preference, the pair's
@@ -471,9 +471,11 @@ def importance_weights(
         w_clip = exp(min(log w, log_clip))                    (one-sided, clipped before exp)
 
     mu is the behaviour policy: ``PairLogps.behavior_*`` when given, else the reference
-    (pairs sampled from pi_ref). With pairs (y_w, y_l) ~ mu x mu and no clip,
+    (pairs sampled from pi_ref). With independent draws (y_w, y_l) ~ mu x mu and no clip,
     E_mu[w f] = E_{pi x pi}[f] (the paper's Thm. 1: unbiased online DPO); the clip trades
-    bias for variance. The weight is detached: no gradient flows through it.
+    bias for variance. Data sets that drop pairs with y_w == y_l sample mu x mu conditioned on
+    distinct responses, which rescales that expectation by 1/(1 - sum_y mu(y|x)^2) per prompt
+    (tests/test_loss_identities.py). The weight is detached: no gradient flows through it.
 
     log_clip: cap on log w. Default 2.0 = the released run scripts (written there as 2*eps with
         eps = 1.0; the code's own default eps = 0.25 would give 0.5). ``None``: no clip

@@ -15,11 +15,11 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from isdpo.cache import cached_dir, config_hash
 from isdpo.callbacks import EvalCallback, read_jsonl
 from isdpo.data.collate import PreferenceCollator, SFTCollator
+from isdpo.data.loader import ResumableLoader
 from isdpo.losses import build_loss
 from isdpo.models import freeze, load_causal_lm
 from isdpo.module import PreferenceModule, SFTModule
@@ -76,8 +76,8 @@ def run_sft(cfg, fast_dev_run: bool = False) -> Path:
         model = load_causal_lm(cfg.model, vocab_size=rt.vocab_size)
         data = rt.sft_examples()
         hw = cfg.hardware
-        loader = DataLoader(data, batch_size=min(cfg.task.sft.batch_size, hw.per_device_batch_size * 4),
-                            shuffle=True, collate_fn=SFTCollator(rt.pad_id), num_workers=hw.num_workers)
+        loader = ResumableLoader(data, batch_size=cfg.task.sft.batch_size, seed=cfg.task.sft.seed,
+                                 collate_fn=SFTCollator(rt.pad_id), num_workers=hw.num_workers)
         module = SFTModule(model, lr=cfg.task.sft.lr, weight_decay=cfg.task.sft.weight_decay,
                            warmup_steps=cfg.task.sft.warmup_steps, schedule=cfg.task.sft.schedule)
         trainer = build_trainer(hw, max_steps=-1, max_epochs=cfg.task.sft.epochs, accumulate=1,
@@ -111,8 +111,8 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
     policy = load_causal_lm(cfg.model, vocab_size=rt.vocab_size, path=str(ref_dir / "model"))
     hw, tr = cfg.hardware, cfg.task.train
     acc = accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
-    loader = DataLoader(pairs, batch_size=hw.per_device_batch_size, shuffle=True, drop_last=True,
-                        collate_fn=PreferenceCollator(rt.pad_id), num_workers=hw.num_workers)
+    loader = ResumableLoader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed,
+                             collate_fn=PreferenceCollator(rt.pad_id), num_workers=hw.num_workers)
     module = PreferenceModule(policy, reference, loss_fn, lr=tr.lr, weight_decay=tr.weight_decay,
                               warmup_steps=tr.warmup_steps, schedule=tr.schedule,
                               response_only=tr.response_only_logits)
@@ -172,6 +172,8 @@ def run_evaluate(cfg, ref_dir: Path | None = None) -> dict:
 
 def run_stage(cfg, fast_dev_run: bool = False) -> Any:
     stage = cfg.stage
+    if cfg.hardware.get("torch_threads"):
+        torch.set_num_threads(int(cfg.hardware.torch_threads))
     if stage == "sft":
         return run_sft(cfg, fast_dev_run=fast_dev_run)
     if stage == "align":

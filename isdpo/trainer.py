@@ -10,6 +10,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from isdpo.data.loader import LoaderProgress
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes ``<path>.tmp`` then renames: a job killed mid-write never leaves a truncated last.ckpt."""
@@ -84,7 +86,8 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
                   callbacks: list, gradient_clip_val: float = 0.0, checkpoint_every_n_steps: int = 0,
                   fast_dev_run: bool = False, progress: bool = True, max_epochs: int | None = None) -> L.Trainer:
     """A Trainer; with ``checkpoint_every_n_steps`` > 0 it keeps an atomic ``checkpoints/last.ckpt``."""
-    callbacks = list(callbacks)
+    # LoaderProgress must run before ModelCheckpoint (Lightning puts checkpoint callbacks last).
+    callbacks = [LoaderProgress(), *callbacks]
     plugins = []
     if checkpoint_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
@@ -97,5 +100,5 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
         accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val or None, logger=logger,
         callbacks=callbacks, plugins=plugins or None, enable_checkpointing=checkpoint_every_n_steps > 0,
         default_root_dir=str(run_dir), fast_dev_run=fast_dev_run, enable_progress_bar=progress,
-        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=True,
+        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=False,  # ResumableLoader shards by rank itself
     )

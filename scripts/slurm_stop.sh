@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Stop the single-node SLURM cluster started by scripts/slurm_local.sh.
 #
-#   sudo scripts/slurm_stop.sh          # stop slurmd and slurmctld (running jobs are killed)
-#   sudo scripts/slurm_stop.sh --all    # also stop munged
+#   sudo scripts/slurm_stop.sh          # cancel jobs, stop slurmd, slurmctld, slurmdbd
+#   sudo scripts/slurm_stop.sh --all    # also stop the private MariaDB and munged
 #
 # Only the processes named in the pid files the cluster wrote are signalled.
 set -uo pipefail
@@ -42,12 +42,12 @@ stop_pidfile() { # name pidfile
         return 0
     fi
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do
+    for _ in $(seq 1 60); do
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.25
     done
     if kill -0 "$pid" 2>/dev/null; then
-        say "$name (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
+        say "$name (pid $pid) ignored SIGTERM for 15 s; sending SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
         sleep 0.5
     fi
@@ -57,11 +57,13 @@ stop_pidfile() { # name pidfile
 
 # Cancel jobs first so that their steps do not outlive slurmd.
 if command -v scancel >/dev/null 2>&1 && [[ -f $RUN_DIR/slurmctld.pid ]]; then
-    timeout 5 bash -c 'for u in $(squeue -h -o %u 2>/dev/null | sort -u); do scancel --quiet --user="$u"; done' >/dev/null 2>&1 || true
+    timeout 10 bash -c 'for u in $(squeue -h -o %u 2>/dev/null | sort -u); do scancel --quiet --user="$u"; done' >/dev/null 2>&1 || true
 fi
 stop_pidfile slurmd "$RUN_DIR/slurmd.pid"
 stop_pidfile slurmctld "$RUN_DIR/slurmctld.pid"
+stop_pidfile slurmdbd "$RUN_DIR/slurmdbd.pid"
 if [[ $ALL -eq 1 ]]; then
+    stop_pidfile mariadb "$RUN_DIR/mariadb/mariadb.pid"
     stop_pidfile munged /run/munge/munged.pid
 fi
 exit 0

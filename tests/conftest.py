@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny matmuls gain nothing from a second thread, and under load OpenMP spinning makes them ~10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

