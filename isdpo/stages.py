@@ -113,6 +113,8 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
     acc = accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
     loader = ResumableLoader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed,
                              collate_fn=PreferenceCollator(rt.pad_id), num_workers=hw.num_workers)
+    if hw.get("activation_checkpointing") and hw.strategy != "fsdp":
+        policy.gradient_checkpointing_enable()
     module = PreferenceModule(policy, reference, loss_fn, lr=tr.lr, weight_decay=tr.weight_decay,
                               warmup_steps=tr.warmup_steps, schedule=tr.schedule,
                               response_only=tr.response_only_logits)
@@ -124,12 +126,14 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
         trainer = build_trainer(hw, max_steps=tr.max_steps, accumulate=acc, run_dir=out, logger=logger,
                                 callbacks=callbacks, gradient_clip_val=tr.gradient_clip_val,
                                 checkpoint_every_n_steps=0 if fast_dev_run else tr.checkpoint_every_n_steps,
-                                fast_dev_run=fast_dev_run)
+                                fast_dev_run=fast_dev_run, model=policy)
         resume = str(ckpt) if tr.resume and ckpt.exists() and not fast_dev_run else None
         if resume:
             print(f"[isdpo] resuming from {resume}")
         started = time.time()
         trainer.fit(module, loader, ckpt_path=resume)
+        if not trainer.is_global_zero:  # other data-parallel ranks stop here; rank zero writes
+            return {}
         policy.save_pretrained(out / "policy")
         result = write_result(cfg, out, time.time() - started, ref_dir)
     finally:
@@ -183,6 +187,7 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
     if stage == "pipeline":
         ref = run_sft(cfg, fast_dev_run=fast_dev_run)
         result = run_align(cfg, ref_dir=ref, fast_dev_run=fast_dev_run)
-        run_evaluate(cfg, ref_dir=ref)
+        if result:  # empty on data-parallel ranks other than zero
+            run_evaluate(cfg, ref_dir=ref)
         return result
     raise ValueError(f"stage={stage!r} is not known; allowed: {', '.join(STAGES)}")

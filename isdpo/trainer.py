@@ -82,9 +82,26 @@ def build_logger(logger_cfg: Mapping[str, Any], *, run_dir: Path, run_name: str,
     raise ValueError(f"logger.name={kind!r} is not known; allowed: wandb, csv, none")
 
 
+def build_strategy(hw: Mapping[str, Any], model=None):
+    """Lightning strategy from ``hardware``: FSDP wraps (and optionally checkpoints) the model's decoder layers."""
+    name = hw["strategy"]
+    if name != "fsdp":
+        return name
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = {type(m) for m in (model.modules() if model is not None else []) if type(m).__name__ in layer_names}
+    return FSDPStrategy(
+        auto_wrap_policy=layers or None,
+        activation_checkpointing_policy=layers if hw.get("activation_checkpointing") and layers else None,
+        sharding_strategy="FULL_SHARD", state_dict_type="full", use_orig_params=True,
+    )
+
+
 def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run_dir: Path, logger,
                   callbacks: list, gradient_clip_val: float = 0.0, checkpoint_every_n_steps: int = 0,
-                  fast_dev_run: bool = False, progress: bool = True, max_epochs: int | None = None) -> L.Trainer:
+                  fast_dev_run: bool = False, progress: bool = True, max_epochs: int | None = None,
+                  model=None) -> L.Trainer:
     """A Trainer; with ``checkpoint_every_n_steps`` > 0 it keeps an atomic ``checkpoints/last.ckpt``."""
     # LoaderProgress must run before ModelCheckpoint (Lightning puts checkpoint callbacks last).
     callbacks = [LoaderProgress(), *callbacks]
@@ -95,7 +112,7 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
         plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         accelerator=hw["accelerator"], devices=hw["devices"], num_nodes=hw["num_nodes"],
-        precision=hw["precision"], strategy=hw["strategy"], max_steps=max_steps,
+        precision=hw["precision"], strategy=build_strategy(hw, model), max_steps=max_steps,
         max_epochs=max_epochs if max_epochs is not None else -1,
         accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val or None, logger=logger,
         callbacks=callbacks, plugins=plugins or None, enable_checkpointing=checkpoint_every_n_steps > 0,

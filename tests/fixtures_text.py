@@ -123,14 +123,17 @@ def _q(path: str) -> str:
     return "'" + str(path) + "'"
 
 
-def text_overrides(paths: dict[str, str], task: str = "tldr", *, small: bool = True) -> list[str]:
-    """Hydra overrides: task=<task> on the stand-ins (model, RM base, every data source), reduced sizes."""
+def text_overrides(paths: dict[str, str], task: str = "tldr", *, model: str = "tiny_llama_local",
+                   model_dir: str | None = None, small: bool = True) -> list[str]:
+    """Hydra overrides: task=<task> on the stand-in data files, ``model`` (from ``model_dir``, default the
+    stand-in tiny Llama) as policy and golden-RM base, reduced sizes when ``small``."""
     p = paths
+    model_dir = model_dir or p["model"]
     task_files = ({"train": p["tldr_train"], "validation": p["tldr_validation"]} if task == "tldr"
                   else {"train": p["hh_train"], "test": p["hh_test"]})
     ov = [
-        f"task={task}", "model=tiny_llama_local", f"model.pretrained={_q(p['model'])}",
-        "model@task.reward.model=tiny_llama_local", f"task.reward.model.pretrained={_q(p['model'])}",
+        f"task={task}", f"model={model}", f"model.pretrained={_q(model_dir)}",
+        f"model@task.reward.model={model}", f"task.reward.model.pretrained={_q(model_dir)}",
         "task.data_files={" + ",".join(f"{k}:{_q(v)}" for k, v in task_files.items()) + "}",
         f"task.sft.sources.tldr_sft.data_files={_q(p['tldr_sft'])}",
         f"task.sft.sources.hh_chosen.data_files={_q(p['hh_train'])}",
@@ -148,7 +151,7 @@ def text_overrides(paths: dict[str, str], task: str = "tldr", *, small: bool = T
             "task.train.global_batch_size=8", "task.train.max_steps=2", "task.train.warmup_steps=0",
             "task.train.lr=1e-3", "task.train.ref_logps_batch_size=16", "task.train.checkpoint_every_n_steps=0",
             "task.eval.every_n_steps=1", "task.eval.n_prompts=4", "task.eval.samples_per_prompt=2",
-            "task.eval.max_new_tokens=8", "task.eval.batch_size=8",
+            "task.eval.max_new_tokens=8", "task.eval.batch_size=8", "task.eval.kl_exact_sampling=false",
         ]
     return ov
 

@@ -72,6 +72,16 @@ def slurm_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def slurm_accounting_available() -> bool:
+    """True when ``sacct`` answers (slurmdbd running). submitit polls job states with
+    sacct; without it a job killed before writing its result is never seen as finished."""
+    if not slurm_available():
+        return False
+    out = _run(["sacct", "--noheader", "--allocations", "--jobs=1", "--format=JobID"], timeout=10)
+    return out is not None and out.returncode == 0
+
+
+@functools.lru_cache(maxsize=1)
 def default_partition() -> str | None:
     """The cluster's default partition (``debug`` for scripts/slurm_local.sh), else the
     first one that is up, else None."""
@@ -97,6 +107,11 @@ def job_env_pythonpath(*extra: Path) -> str:
 
 
 requires_slurm = pytest.mark.skipif(not slurm_available(), reason=START_HINT)
+
+requires_slurm_accounting = pytest.mark.skipif(
+    not slurm_accounting_available(),
+    reason="SLURM accounting (sacct) unavailable; scripts/slurm_local.sh starts slurmdbd unless --no-accounting",
+)
 
 #: ``pytestmark = SLURM_MARKS``: the registered ``slurm`` marker plus the skip
 SLURM_MARKS = [pytest.mark.slurm, requires_slurm]
