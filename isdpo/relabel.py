@@ -232,7 +232,7 @@ def run_relabel_stage(cfg, fast_dev_run: bool = False) -> Path:
 
     def build(tmp: Path) -> dict:
         rm = GoldenRM(rm_path, batch_size=int(task.reward.score_batch_size), max_length=int(task.max_length),
-                      max_prompt_length=int(task.max_prompt_length))
+                      max_prompt_length=int(task.max_prompt_length), dtype=task.reward.get("score_dtype"))
         pairs, counts = load_pairs(data_spec(task), task.splits.train)
         limit = rl["max_prompts"]
         if rl["source"] == "dataset":

@@ -53,6 +53,19 @@ META = "meta.json"
 # --------------------------------------------------------------------------------------------
 
 
+def release_gguf_quantizer(model):
+    """Make a model loaded from a GGUF file saveable: its weights are already de-quantized floats, but
+    transformers keeps a GGUF "quantizer" marker that makes ``save_pretrained`` refuse (and GGUF has no
+    ``dequantize()``). Dropping the marker saves the same weights (exact round trip). No-op otherwise."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and "gguf" in type(q).__name__.lower():
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
 def load_reward_model(model_cfg: Mapping[str, Any], *, path: str | None = None, pad_token_id: int | None = None):
     """``AutoModelForSequenceClassification(num_labels=1)`` from ``path`` or the model config's checkpoint.
 
@@ -68,7 +81,7 @@ def load_reward_model(model_cfg: Mapping[str, Any], *, path: str | None = None, 
         kwargs["gguf_file"] = model_cfg["gguf_file"]
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-    model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+    model = release_gguf_quantizer(AutoModelForSequenceClassification.from_pretrained(source, **kwargs))
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model_cfg.get("gradient_checkpointing"):
@@ -184,7 +197,10 @@ def score(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], ba
 
 
 class GoldenRM:
-    """A trained golden RM loaded from its directory: ``rm(prompts, responses) -> scores``."""
+    """A trained golden RM loaded from its directory: ``rm(prompts, responses) -> scores``.
+
+    ``dtype`` (e.g. "bfloat16") loads a lighter scoring copy; None keeps the saved dtype.
+    """
 
     def __init__(self, directory: str | Path, *, batch_size: int = 32, max_length: int = 640,
                  max_prompt_length: int = 512, dtype: str | None = None):
@@ -192,14 +208,15 @@ class GoldenRM:
 
         self.dir = Path(directory)
         check_complete(self.dir, "golden reward model", "stage=reward")
-        self.meta = json.loads((self.dir / META).read_text())
+        self.meta = read_meta(self.dir)
         if self.meta.get("fast_dev_run"):
             print(f"[isdpo] WARNING: the golden RM at {self.dir} is a fast_dev_run stub (one training step)")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.dir / "model")
+        src = model_subdir(self.dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(src)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         kwargs = {"dtype": torch_dtype(dtype)} if dtype else {}
-        self.model = AutoModelForSequenceClassification.from_pretrained(self.dir / "model", **kwargs).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, **kwargs).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
@@ -215,8 +232,21 @@ class GoldenRM:
 
 
 def read_meta(path: Path) -> dict | None:
-    f = Path(path) / META
-    return json.loads(f.read_text()) if f.exists() else None
+    """The entry's meta.json; for a directory made elsewhere (a saved HF model, or a pairs file, without
+    meta.json) a stand-in naming it as external; None when there is nothing."""
+    path = Path(path)
+    f = path / META
+    if f.exists():
+        return json.loads(f.read_text())
+    if any((path / p).exists() for p in ("config.json", "model/config.json", "pairs.jsonl", "pairs.parquet")):
+        return {"build_id": f"external:{path.resolve()}", "external": True, "fast_dev_run": False}
+    return None
+
+
+def model_subdir(path: Path) -> Path:
+    """``<dir>/model`` as written by stage=reward, or ``<dir>`` itself for an RM saved elsewhere."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").exists() else path
 
 
 def check_complete(path: Path, what: str, stage: str) -> dict:
@@ -265,7 +295,7 @@ def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, wh
 def reward_key(task_cfg: Mapping[str, Any]) -> dict:
     """What the golden RM depends on (no task name: TL;DR and HH share one RM when their blocks agree)."""
     r = _plain(task_cfg["reward"])
-    key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "val_check_interval")}
+    key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "score_dtype", "val_check_interval")}
     key["lengths"] = [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]
     if r.get("init_from_sft"):
         key["sft"] = _plain(task_cfg["sft"])

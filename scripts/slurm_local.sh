@@ -113,10 +113,24 @@ usable_state() {
     esac
 }
 
+pid_alive() { # pidfile -> 0 when the process named in it runs
+    [[ -f $1 ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null
+}
+
+DOWN_REASON=""
 cluster_up() {
-    munge_ok || return 1
-    timeout 5 scontrol ping 2>/dev/null | grep -q 'UP' || return 1
-    usable_state "$(node_state)"
+    DOWN_REASON=""
+    munge_ok || { DOWN_REASON="munge does not answer"; return 1; }
+    timeout 5 scontrol ping 2>/dev/null | grep -q 'UP' || { DOWN_REASON="slurmctld does not answer"; return 1; }
+    # slurmctld notices a dead slurmd only after SlurmdTimeout: when this script started the
+    # cluster (our pid files), look at the processes themselves
+    if [[ -f $CTLD_PID ]]; then
+        pid_alive "$SLURMD_PID" || { DOWN_REASON="slurmd is not running"; return 1; }
+        if timeout 5 scontrol show config 2>/dev/null | grep -q 'AccountingStorageType.*slurmdbd'; then
+            pid_alive "$DBD_PID" || { DOWN_REASON="slurmdbd is not running"; return 1; }
+        fi
+    fi
+    usable_state "$(node_state)" || { DOWN_REASON="node state '$(node_state)'"; return 1; }
 }
 
 accounting_up() { timeout 10 sacct -n -X -j 1 -o JobID >/dev/null 2>&1; }
@@ -147,13 +161,17 @@ EOF
 }
 
 # ---------------------------------------------------------------- already up?
-if [[ $RESTART -eq 0 ]] && command -v sinfo >/dev/null 2>&1 && cluster_up; then
-    say "cluster already running; nothing to do (use --restart to rebuild it)."
-    if [[ $ACCOUNTING == 1 ]] && ! accounting_up; then
-        say "note: it runs without accounting; '--restart' starts it with slurmdbd."
+if [[ $RESTART -eq 0 ]] && command -v sinfo >/dev/null 2>&1; then
+    if cluster_up; then
+        say "cluster already running; nothing to do (use --restart to rebuild it)."
+        if [[ $ACCOUNTING == 1 ]] && ! accounting_up; then
+            say "note: it runs without accounting; '--restart' starts it with slurmdbd."
+        fi
+        print_usage
+        exit 0
+    elif [[ -f $RUN_DIR/slurmctld.pid || -f $RUN_DIR/slurmd.pid ]]; then
+        say "cluster partly down ($DOWN_REASON): restarting it from a clean state."
     fi
-    print_usage
-    exit 0
 fi
 
 # ---------------------------------------------------------------- 1. install
@@ -288,7 +306,6 @@ SlurmdPort=6818
 AuthType=auth/munge
 # a requeued job waits cred_expire seconds before it may start again (default 120)
 AuthInfo=cred_expire=15
-CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

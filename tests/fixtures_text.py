@@ -146,7 +146,7 @@ def text_overrides(paths: dict[str, str], task: str = "tldr", *, model: str = "t
             "task.max_length=96", "task.max_prompt_length=64", "hardware.per_device_batch_size=4",
             "task.sft.batch_size=8", "task.sft.warmup_steps=0", "task.sft.lr=1e-3",
             "task.reward.global_batch_size=8", "task.reward.warmup_steps=0", "task.reward.max_val_pairs=8",
-            "task.reward.score_batch_size=16", "task.reward.val_check_interval=1.0",
+            "task.reward.score_batch_size=16", "task.reward.score_dtype=float32", "task.reward.val_check_interval=1.0",
             "task.relabel.max_new_tokens=16", "task.relabel.batch_size=16",
             "task.train.global_batch_size=8", "task.train.max_steps=2", "task.train.warmup_steps=0",
             "task.train.lr=1e-3", "task.train.ref_logps_batch_size=16", "task.train.checkpoint_every_n_steps=0",
@@ -158,14 +158,19 @@ def text_overrides(paths: dict[str, str], task: str = "tldr", *, model: str = "t
 
 @contextlib.contextmanager
 def text_tasks_wired():
-    """Make isdpo.stages.task_runtime build a TextRuntime for tldr/hh (what the lead's edit of stages.py does).
+    """Make isdpo.stages.task_runtime build a TextRuntime for tldr/hh (what the lead's edit of stages.py does),
+    and stages.load_causal_lm release a GGUF model's quantizer marker (the proposed edit of isdpo/models.py).
 
-    A no-op once stages.task_runtime knows the text tasks itself.
+    A no-op once stages.py / models.py do both themselves.
     """
     import isdpo.stages as stages
     from isdpo.data.text_runtime import TextRuntime
+    from isdpo.reward import release_gguf_quantizer
 
-    original = stages.task_runtime
+    original, original_load = stages.task_runtime, stages.load_causal_lm
+
+    def load_causal_lm(*args, **kwargs):  # the edit proposed for isdpo.models.load_causal_lm (GGUF models saveable)
+        return release_gguf_quantizer(original_load(*args, **kwargs))
 
     def task_runtime(cfg):
         if cfg.task.name in ("tldr", "hh"):
@@ -175,11 +180,11 @@ def text_tasks_wired():
                 return TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir, cfg.paths.output_dir)
         return original(cfg)
 
-    stages.task_runtime = task_runtime
+    stages.task_runtime, stages.load_causal_lm = task_runtime, load_causal_lm
     try:
         yield
     finally:
-        stages.task_runtime = original
+        stages.task_runtime, stages.load_causal_lm = original, original_load
 
 
 if __name__ == "__main__":

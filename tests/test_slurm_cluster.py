@@ -49,6 +49,19 @@ def square_and_report(x: int) -> dict:
     }
 
 
+def _wait_done(jobs, within_s: float = 50.0) -> None:
+    """Wait for the jobs with a deadline (job.result() alone can wait forever when sacct is
+    unavailable and a job dies without writing its result); cancel them on timeout."""
+    deadline = time.monotonic() + within_s
+    while not all(job.done() for job in jobs):
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", *{job.job_id.split("_")[0] for job in jobs}], check=False)
+            logs = "\n".join(job.paths.stderr.read_text()[-1500:] for job in jobs if job.paths.stderr.exists())
+            squeue = subprocess.run(["squeue"], capture_output=True, text=True, check=False).stdout
+            pytest.fail(f"jobs not done within {within_s}s\nsqueue:\n{squeue}\nstderr:\n{logs}")
+        time.sleep(0.5)
+
+
 def _sacct_state(job, until: str, within_s: float = 20.0) -> str:
     """The job's state as sacct reports it (slurmctld sends records to slurmdbd asynchronously)."""
     deadline = time.monotonic() + within_s
@@ -81,6 +94,7 @@ def test_job_array_through_submitit(tmp_path, monkeypatch):
     array_ids = {job.job_id.split("_")[0] for job in jobs}
     assert len(array_ids) == 1, [job.job_id for job in jobs]
 
+    _wait_done(jobs)
     results = [job.result() for job in jobs]
     elapsed = time.monotonic() - t0
     assert [r["square"] for r in results] == [1, 4, 9, 16]
@@ -109,6 +123,7 @@ def test_failed_job_raises(tmp_path, monkeypatch):
     executor = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
     executor.update_parameters(timeout_min=2, slurm_partition=default_partition())
     job = executor.submit(divmod, 1, 0)
+    _wait_done([job])
     with pytest.raises(submitit.core.utils.FailedJobError, match="ZeroDivisionError"):
         job.result()
 

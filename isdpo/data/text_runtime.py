@@ -163,7 +163,8 @@ class TextRuntime:
             self._golden = GoldenRM(reward_dir(self.cfg, self.cache_dir),
                                     batch_size=int(self.cfg["reward"]["score_batch_size"]),
                                     max_length=int(self.cfg["max_length"]),
-                                    max_prompt_length=int(self.cfg["max_prompt_length"]))
+                                    max_prompt_length=int(self.cfg["max_prompt_length"]),
+                                    dtype=self.cfg["reward"].get("score_dtype"))
         return self._golden
 
     def decode(self, ids: Sequence[int]) -> str:
