@@ -216,3 +216,16 @@ def test_missing_upstream_outputs_say_which_stage_to_run(standins, tmp_path):
     with pytest.raises(FileNotFoundError, match="run stage=reward first"):
         rt.preference_examples(None, tmp_path)  # relabelled preferences need the RM's identity
     assert reward_dir(cfg.task, cfg.paths.cache_dir).parent == Path(cfg.paths.cache_dir) / "reward"
+
+
+def test_an_rm_trained_elsewhere_can_be_the_golden_rm(standins, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = tmp_path / "external_rm"
+    AutoModelForSequenceClassification.from_pretrained(standins["model"], num_labels=1).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(standins["model"]).save_pretrained(rm_dir)
+    cfg = _cfg(standins, tmp_path, "tldr", [f"task.reward.path='{rm_dir}'"])
+    assert run_reward_stage(cfg) == rm_dir and not (rm_dir / "meta.json").exists()  # reused, never overwritten
+    rt = TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir)
+    scores = rt.score([[1, 40, 41], [1, 50]], [[60, 2], [61, 62, 2]])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -163,3 +163,20 @@ def test_every_config_key_has_a_comment(path):
     for line in (CONF / path).read_text().splitlines():
         if line.strip() and not line.lstrip().startswith(("#", "- ")) and re.match(r"\s*[\w@/]+:", line):
             assert "#" in line or line.rstrip().endswith(":"), line  # block headers may go without
+
+
+@pytest.mark.parametrize("override,message", [
+    ("task.max_prompt_length=640", "task.max_prompt_length .* must be a positive int < task.max_length"),
+    ("task.relabel.source=sample", "task.relabel.source='sample' is not known; allowed: dataset, generate"),
+    ("task.relabel.pairing=random", "task.relabel.pairing='random' is not known"),
+    ("task.train.preferences=human", "task.train.preferences='human' is not known; allowed: relabelled, dataset"),
+    ("task.eval.reference=both", "task.eval.reference='both' is not known"),
+    ("task.reward.global_batch_size=0", "task.reward.global_batch_size must be an int >= 1"),
+    ("~task.columns.rejected", "task.columns must map prompt, chosen, rejected"),
+])
+def test_invalid_text_task_settings_are_named(override, message, tmp_path):
+    from isdpo.data.text import validate_text_task
+
+    validate_text_task(compose_cfg(["task=hh"], tmp_path).task)
+    with pytest.raises(ValueError, match=message):
+        validate_text_task(compose_cfg(["task=hh", override], tmp_path).task)
