@@ -372,7 +372,7 @@ def run_reward_stage(cfg, fast_dev_run: bool = False) -> Path:
             init = str(run_sft(_with_model(cfg, r.model), fast_dev_run=fast_dev_run) / "model")
         L.seed_everything(int(r.seed), workers=True, verbose=False)
         tok = get_tokenizer(r.model)
-        model = load_reward_model(r.model, path=init, pad_token_id=tok.pad_token_id)
+        model = load_reward_model(r.model, path=init, pad_token_id=tok.pad_token_id).train()  # from_pretrained gives eval mode
         train, val = reward_pairs(task, tok, "train"), reward_pairs(task, tok, "val")
         acc = accumulation(r.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
         collate = PreferenceCollator(tok.pad_token_id)
