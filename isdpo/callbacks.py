@@ -52,7 +52,8 @@ class EvalCallback(L.Callback):
                     self.last_step = trainer.global_step
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._evaluate(trainer, pl_module)
+        if trainer.global_step == 0:  # a resumed run has its points up to the checkpoint already
+            self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:

@@ -9,8 +9,8 @@ from omegaconf import OmegaConf
 from isdpo.losses import build_loss
 from isdpo.trainer import accumulation
 
-STAGES = ("sft", "align", "evaluate", "pipeline")
-TASKS = ("synthetic",)
+STAGES = ("sft", "reward", "relabel", "align", "evaluate", "pipeline")
+TASKS = ("synthetic", "tldr", "hh")
 LOGGERS = ("wandb", "csv", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -36,6 +36,13 @@ def validate(cfg) -> None:
     """Raise ConfigError on the first invalid value."""
     _require(cfg.stage in STAGES, f"stage={cfg.stage!r} is not known; allowed: {', '.join(STAGES)}")
     _require(cfg.task.name in TASKS, f"task.name={cfg.task.name!r} is not known; allowed: {', '.join(TASKS)}")
+    if cfg.task.name in ("tldr", "hh"):
+        from isdpo.data.text import validate_text_task
+
+        try:
+            validate_text_task(cfg.task, cfg.model)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     _require(_number(cfg, "beta") > 0, f"beta must be > 0 (got {cfg.beta})")
     try:
         build_loss(cfg.loss.base, cfg.beta, OmegaConf.to_container(cfg.loss.params, resolve=True),

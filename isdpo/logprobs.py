@@ -12,6 +12,12 @@ Two paths give the same numbers (tests/test_logprobs.py):
   padding positions cost nothing in the head.
 - ``response_only=False``: the model's own forward and a selective log-softmax
   (gather minus logsumexp, as TRL's ``selective_log_softmax``) over all positions.
+
+:func:`batch_logps` is the entry point of the training module: it reads either a padded batch
+(isdpo.data.collate.PreferenceCollator; one concatenated forward, or with ``concatenated=False``
+one forward for the chosen rows and one for the rejected rows, the slower path kept to check the
+fast one) or a packed, padding-free batch (isdpo.data.batching.PackedPreferenceCollator; see
+:func:`packed_sequence_logps`). All paths give the same numbers (tests/test_fast_path.py).
 """
 from __future__ import annotations
 
@@ -72,3 +78,113 @@ def sequence_logps(
     ).logits[:, :-1]
     token_logps = selective_log_softmax(logits, targets)
     return (token_logps * target_mask).sum(-1), n_tokens
+
+
+def _split_logps(model, input_ids, attention_mask, loss_mask, response_only):
+    """Two forwards, chosen rows then rejected rows, each trimmed to its own longest row."""
+    n = input_ids.shape[0] // 2
+    out = []
+    for rows in (slice(0, n), slice(n, None)):
+        am = attention_mask[rows]
+        width = int(am.any(0).nonzero().max()) + 1 if am.any() else am.shape[1]  # right padding: drop pad-only columns
+        out.append(sequence_logps(model, input_ids[rows, :width], am[:, :width], loss_mask[rows, :width],
+                                  response_only=response_only))
+    return torch.cat([out[0][0], out[1][0]]), torch.cat([out[0][1], out[1][1]])
+
+
+def packed_attention_mask(segment: Tensor, part: Tensor) -> Tensor:
+    """[R, 1, C, C] bool mask of a packed batch (True = may attend).
+
+    Slot q attends slot k iff both are in the same segment, k <= q (causal within the row, which
+    is causal within the segment because a segment is contiguous), and k is a prompt slot
+    (part 0) or of the same part as q; i.e. rejected tokens never see chosen tokens. Every slot
+    attends itself, so padding rows of the mask are never empty (an empty softmax row is NaN,
+    and a NaN activation would poison the weight gradients even where it is not used).
+    """
+    C = segment.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=segment.device).tril_()
+    same = segment[:, :, None] == segment[:, None, :]
+    part_ok = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    eye = torch.eye(C, dtype=torch.bool, device=segment.device)
+    return ((same & part_ok & causal) | eye).unsqueeze(1)
+
+
+def _mask_for(model, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":  # eager attention adds the mask to the scores
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"packed batches need an attention implementation that takes an arbitrary 4D mask (sdpa or eager); "
+        f"this model uses {impl!r}. Use padded batches (train.packing=false) or attn_implementation=sdpa"
+    )
+
+
+def packed_sequence_logps(model, batch, *, response_only: bool = True) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs of every row of a packed batch (isdpo.data.batching.PackedPreferenceCollator).
+
+    One forward over the packed rows with each token's own position id and the block mask of
+    :func:`packed_attention_mask`; the hidden state that predicts each scored token is gathered by
+    its flat slot (for the first rejected token that is the last prompt token, not the slot just
+    before it) and only those go through the LM head. Returns ``(logps [2B], n_tokens [2B])`` in
+    the row order of the padded batch (chosen 0..B-1, rejected B..2B-1).
+    """
+    input_ids, position_ids = batch["input_ids"], batch["position_ids"]
+    dtype = next(model.parameters()).dtype
+    mask = _mask_for(model, packed_attention_mask(batch["pack_segment"], batch["pack_part"]), dtype)
+    pred, targets, seq = batch["pack_pred_index"], batch["pack_target_ids"], batch["pack_target_seq"]
+    n_tokens = batch["pack_n_tokens"]
+    if response_only and _supports_response_only(model):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                  use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[pred])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        logits = logits.reshape(-1, logits.shape[-1])[pred]
+    token_logps = selective_log_softmax(logits, targets)
+    sums = torch.zeros(n_tokens.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return sums.index_add(0, seq, token_logps), n_tokens
+
+
+def is_packed(batch) -> bool:
+    return "pack_pred_index" in batch
+
+
+def batch_logps(model, batch, *, response_only: bool = True, concatenated: bool = True) -> tuple[Tensor, Tensor]:
+    """``(logps [2B], n_tokens [2B])`` of a preference batch, padded or packed (see the module docstring).
+
+    ``concatenated=False`` (padded batches only) runs chosen and rejected rows as two forwards, as
+    implementations without the concatenated forward do; same numbers, more kernel launches.
+    """
+    if is_packed(batch):
+        return packed_sequence_logps(model, batch, response_only=response_only)
+    if concatenated:
+        return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                              response_only=response_only)
+    return _split_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], response_only)
+
+
+def batch_token_counts(batch) -> tuple[int, int]:
+    """``(sequence_tokens, computed_tokens)`` of a preference batch.
+
+    sequence_tokens: prompt + response tokens of the 2B rows without padding (what throughput is
+    counted in, the same for every batching of the same pairs). computed_tokens: non-padding slots
+    the model actually runs (fewer than sequence_tokens when prompts are shared).
+    """
+    if is_packed(batch):
+        return int(batch["pack_seq_lengths"].sum()), int((batch["pack_segment"] >= 0).sum())
+    n = int(batch["attention_mask"].sum())
+    return n, n
+
+
+def compile_decoder(model, **kwargs):
+    """``torch.compile`` the decoder body in place (``model.base_model``), the part both log-prob paths run.
+
+    The LM head, the gather and the log-softmax stay eager (their shapes change with the number of
+    response tokens). ``dynamic=True`` by default: batch lengths vary, and a static compile would
+    recompile for every new length.
+    """
+    kwargs.setdefault("dynamic", True)
+    model.base_model.compile(**kwargs)
+    return model

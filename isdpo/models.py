@@ -37,6 +37,8 @@ def load_causal_lm(cfg: Mapping[str, Any], *, vocab_size: int | None = None, pat
         if cfg.get("attn_implementation"):
             kwargs["attn_implementation"] = cfg["attn_implementation"]
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if "gguf_file" in kwargs:  # de-quantized floats, but a GGUF marker blocks save_pretrained
+            release_gguf_quantizer(model)
     else:
         if vocab_size is None:
             raise ValueError("model.pretrained is null, so the task must provide vocab_size for a random init")
@@ -62,6 +64,19 @@ def load_tokenizer(cfg: Mapping[str, Any], path: str | None = None):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return tok
+
+
+def release_gguf_quantizer(model):
+    """Make a model loaded from a GGUF file saveable: its weights are already de-quantized floats, but
+    transformers keeps a GGUF "quantizer" marker that makes ``save_pretrained`` refuse (and GGUF has no
+    ``dequantize()``). Dropping the marker saves the same weights (exact round trip). No-op otherwise."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and "gguf" in type(q).__name__.lower():
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def freeze(model):

@@ -33,7 +33,7 @@ import torch
 
 from isdpo.cache import config_hash
 from isdpo.data.collate import pad_sequences
-from isdpo.data.text import (_plain, encode_prompts, fit_lengths, get_tokenizer, load_pairs, subsample,
+from isdpo.data.text import (as_plain, encode_prompts, fit_lengths, get_tokenizer, load_pairs, subsample,
                              tokenizer_source)
 from isdpo.logprobs import position_ids_from_mask
 from isdpo.reward import GoldenRM, check_complete, publish, reward_dir
@@ -92,12 +92,12 @@ def behavior_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[
 
 def data_spec(task_cfg: Mapping[str, Any]) -> dict:
     """The task's own preference data as a load_pairs spec."""
-    return {k: _plain(task_cfg[k]) for k in ("dataset", "data_files", "columns", "strip_suffix", "drop_identical")}
+    return {k: as_plain(task_cfg[k]) for k in ("dataset", "data_files", "columns", "strip_suffix", "drop_identical")}
 
 
 def relabel_key(task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], rm_meta: Mapping[str, Any],
                 reference_dir: Path | None) -> dict:
-    rl = _plain(task_cfg["relabel"])
+    rl = as_plain(task_cfg["relabel"])
     key = {"data": data_spec(task_cfg), "split": task_cfg["splits"]["train"], "rm": rm_meta.get("build_id"),
            "relabel": {k: v for k, v in rl.items() if k not in ("path", "batch_size", "format")},
            "lengths": [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]}
@@ -219,7 +219,7 @@ def run_relabel_stage(cfg, fast_dev_run: bool = False) -> Path:
     from isdpo.stages import run_sft
 
     task = cfg.task
-    rl = _plain(task.relabel)
+    rl = as_plain(task.relabel)
     if rl["source"] not in SOURCES:
         raise ValueError(f"task.relabel.source={rl['source']!r} is not known; allowed: {', '.join(SOURCES)}")
     if rl["format"] not in FORMATS:

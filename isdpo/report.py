@@ -283,8 +283,9 @@ def _cell(mean: float, std: float, fmt: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Markdown table of ``summarise`` rows (one task): mean ± std per quantity, best final win rate per beta in bold.
+    """Markdown table of ``summarise`` rows of one task: mean ± std per quantity.
 
+    The best final win rate at each beta is in bold.
     The judge column appears only when some run has a judge win rate; its cell
     names its own n when fewer seeds were judged than trained.
     """
@@ -432,8 +433,11 @@ def _md_escape(text: str) -> str:
 
 
 def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None = None,
-                 show_seeds: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Write report.md, summary.csv, runs.csv and the PNGs for ``sweep`` into ``out``; returns report.md's path."""
+                 show_seeds: bool = True, figures: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Write report.md, summary.csv, runs.csv and (unless ``figures=False``) the PNGs for ``sweep`` into ``out``.
+
+    Returns the path of report.md.
+    """
     sweep = Path(sweep)
     out = Path(out) if out else sweep / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -446,7 +450,7 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
     summary = summarise(runs)
     write_csv(out / "summary.csv", summary) if summary else (out / "summary.csv").write_text("")
     write_csv(out / "runs.csv", run_rows(runs))
-    pngs = make_figures(runs, out, show_seeds=show_seeds)
+    pngs = make_figures(runs, out, show_seeds=show_seeds) if figures else {}
 
     experiments = sorted({str(r.result.get("experiment")) for r in runs if r.ok and r.result.get("experiment")})
     md = [f"# Sweep report: {sweep.resolve().name}", "",
@@ -506,12 +510,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default=None, metavar="ENTITY/PROJECT",
                         help="also list the run summaries of this W&B project (needs network and a key)")
     parser.add_argument("--no-seeds", action="store_true", help="draw only the seed means, not each seed")
+    parser.add_argument("--no-figures", action="store_true", help="tables and run list only (fast)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():
         print(f"[report] not a directory: {args.sweep}", file=sys.stderr)
         return 2
     try:
-        report = build_report(args.sweep, args.out, args.wandb_project, show_seeds=not args.no_seeds)
+        report = build_report(args.sweep, args.out, args.wandb_project, show_seeds=not args.no_seeds,
+                              figures=not args.no_figures)
     except FileNotFoundError as err:
         print(f"[report] {err}", file=sys.stderr)
         return 2

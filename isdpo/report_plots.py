@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 #: Known losses in a fixed order (tables and legends) with fixed colours: a base loss
 #: and its importance-sampled variant get contrasting colours so the pair reads at a glance.
@@ -112,11 +113,12 @@ def sqrt_kl(row: dict) -> float:
 
 
 def _panels(runs, colours, *, x_of, y_of, xlabel, ylabel, title, show_seeds, reference_y=None,
-            yscale=None) -> Figure:
+            sharey=False) -> Figure:
     grouped = _by_beta_and_loss(runs)
     fig, axes = plt.subplots(1, max(len(grouped), 1), figsize=figure_size(len(grouped)), squeeze=False,
-                             layout="constrained")
+                             sharey=sharey, layout="constrained")
     axes = axes[0]
+    drawn: list[str] = []
     for ax, (beta, per_loss) in zip(axes, grouped.items()):
         for loss in loss_order(per_loss):
             group, colour = per_loss[loss], colours[loss]
@@ -125,26 +127,36 @@ def _panels(runs, colours, *, x_of, y_of, xlabel, ylabel, title, show_seeds, ref
                     ax.plot([x_of(r) for r in run.metrics], [y_of(r) for r in run.metrics], color=colour,
                             linewidth=0.7, alpha=0.35, label="_nolegend_")
             steps, xs, ys = mean_curve(group, x_of, y_of)
-            n = len(group)
             # The last point gets a marker: on the KL axis the curve can double back, so its end is not
             # otherwise obvious.
             ax.plot(xs, ys, color=colour, linewidth=2.0, marker="o", markersize=8, markeredgecolor="white",
-                    markeredgewidth=1.2, markevery=[len(xs) - 1] if xs else None, zorder=3,
-                    label=f"{loss} (mean of {n} seed{'s' if n != 1 else ''})")
+                    markeredgewidth=1.2, markevery=[len(xs) - 1] if xs else None, zorder=3, label=loss)
+            drawn += [loss] if loss not in drawn else []
         if reference_y is not None:
-            ax.axhline(reference_y, color="0.5", linestyle="--", linewidth=0.9, label="reference (0.5)")
-        if yscale:
-            ax.set_yscale(yscale)
-        ax.set_title(f"β = {beta:g}")
+            ax.axhline(reference_y, color="0.5", linestyle="--", linewidth=0.9, label="_reference")
+        counts = {loss: len(group) for loss, group in per_loss.items()}
+        seeds = (f"{next(iter(counts.values()))} seed{'s' if max(counts.values()) != 1 else ''} each"
+                 if len(set(counts.values())) == 1
+                 else "seeds: " + ", ".join(f"{loss} {counts[loss]}" for loss in loss_order(counts)))
+        ax.set_title(f"β = {beta:g}  ({seeds})", fontsize="medium")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.tick_params(labelleft=True)  # sharey would hide the tick labels of the right-hand panels
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", loc="best")
-    seeds_note = ", thin: single seeds" if show_seeds else ""
+    # One legend for the figure, below the panels: the colours are the same in every panel (and figure), and
+    # proxy artists (not added to any axes) explain the line styles.
+    handles = [Line2D([], [], color=colours[loss], linewidth=2.0, label=f"{loss} (mean over seeds)")
+               for loss in loss_order(drawn)]
+    if show_seeds:
+        handles.append(Line2D([], [], color="0.4", linewidth=0.7, alpha=0.6, label="single seed"))
+    handles.append(Line2D([], [], color="0.4", linestyle="none", marker="o", markersize=7,
+                          label="last evaluation"))
+    if reference_y is not None:
+        handles.append(Line2D([], [], color="0.5", linestyle="--", linewidth=0.9,
+                              label=f"reference policy ({reference_y:g})"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3 * max(len(grouped), 1)),
+               fontsize="small", frameon=False)
     fig.suptitle(title, fontsize="large")
-    # The key to line styles goes into a smaller second line so that it fits above a single panel.
-    fig.text(0.5, 0.0, f"thick: mean over seeds at equal steps{seeds_note}, ●: last evaluation",
-             ha="center", va="bottom", fontsize="small", color="0.3")
     return fig
 
 
@@ -153,7 +165,7 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
     return _panels(runs, colours, x_of=sqrt_kl, y_of=lambda r: float(r["win_rate"]),
                    xlabel="√KL(π‖π_ref)  (k3 estimate)", ylabel="golden win rate vs reference",
                    title=f"Over-optimization: win rate against √KL{_task(task)}", show_seeds=show_seeds,
-                   reference_y=0.5)
+                   reference_y=0.5, sharey=True)
 
 
 def plot_win_rate_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:
@@ -161,7 +173,7 @@ def plot_win_rate_vs_step(runs, colours: dict[str, str], task: str = "", show_se
     return _panels(runs, colours, x_of=lambda r: r["step"], y_of=lambda r: float(r["win_rate"]),
                    xlabel="training step", ylabel="golden win rate vs reference",
                    title=f"Golden win rate during training{_task(task)}", show_seeds=show_seeds,
-                   reference_y=0.5)
+                   reference_y=0.5, sharey=True)
 
 
 def plot_kl_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:

@@ -23,6 +23,7 @@ A fast_dev_run stub is replaced by the next real run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,10 +40,10 @@ from torch.utils.data import DataLoader
 
 from isdpo.cache import config_hash, file_lock
 from isdpo.data.collate import PreferenceCollator, pad_sequences
-from isdpo.data.text import (DataError, _plain, encode_prompts, encode_responses, fit_lengths, get_tokenizer,
+from isdpo.data.text import (as_plain, encode_prompts, encode_responses, fit_lengths, get_tokenizer,
                              load_pairs, require_nonempty, subsample, tokenize_pairs)
 from isdpo.logprobs import position_ids_from_mask
-from isdpo.models import torch_dtype
+from isdpo.models import release_gguf_quantizer, torch_dtype
 from isdpo.module import _LMModule
 
 META = "meta.json"
@@ -51,19 +52,6 @@ META = "meta.json"
 # --------------------------------------------------------------------------------------------
 # Model, rewards, loss
 # --------------------------------------------------------------------------------------------
-
-
-def release_gguf_quantizer(model):
-    """Make a model loaded from a GGUF file saveable: its weights are already de-quantized floats, but
-    transformers keeps a GGUF "quantizer" marker that makes ``save_pretrained`` refuse (and GGUF has no
-    ``dequantize()``). Dropping the marker saves the same weights (exact round trip). No-op otherwise."""
-    q = getattr(model, "hf_quantizer", None)
-    if q is not None and "gguf" in type(q).__name__.lower():
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    return model
 
 
 def load_reward_model(model_cfg: Mapping[str, Any], *, path: str | None = None, pad_token_id: int | None = None):
@@ -256,14 +244,25 @@ def check_complete(path: Path, what: str, stage: str) -> dict:
     return meta
 
 
+def _rank_world() -> tuple[int, int]:
+    """Global rank and world size of this process from the launcher's environment (before any process group)."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(world):
+            return int(os.environ.get(rank, 0)), int(os.environ[world])
+    return 0, 1
+
+
 def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, what: str) -> tuple[Path, bool]:
     """Build into a temporary sibling of ``path`` and rename it into place; ``(path, reused)``.
 
     A complete entry is reused, except a fast_dev_run stub when this run is a real one (then it is
     rebuilt). ``build(tmp)`` returns the metadata written to ``meta.json`` (plus a build id).
-    Guarded by a file lock, so parallel jobs build once.
+    One process: guarded by a file lock, so parallel jobs build once. Data-parallel ranks of one
+    job all build (training is collective) and only rank 0 publishes; no lock, which the other
+    ranks would otherwise wait on while rank 0 waits for them inside ``fit``.
     """
     path = Path(path)
+    rank, world = _rank_world()
 
     def usable() -> bool:
         meta = read_meta(path)
@@ -272,7 +271,8 @@ def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, wh
     if usable():
         return path, True
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.parent / f".{path.name}.lock"):
+    lock = file_lock(path.parent / f".{path.name}.lock") if world == 1 else contextlib.nullcontext()
+    with lock:
         if usable():
             return path, True
         tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
@@ -280,12 +280,13 @@ def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, wh
         try:
             started = time.time()
             meta = dict(build(tmp) or {})
-            meta.update({"build_id": uuid.uuid4().hex, "fast_dev_run": bool(fast_dev_run),
-                         "seconds": round(time.time() - started, 1), "what": what})
-            (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-            if path.exists():  # a stub being replaced
-                shutil.rmtree(path)
-            os.replace(tmp, path)
+            if rank == 0:
+                meta.update({"build_id": uuid.uuid4().hex, "fast_dev_run": bool(fast_dev_run),
+                             "seconds": round(time.time() - started, 1), "what": what})
+                (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+                if path.exists():  # a stub being replaced
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -294,11 +295,11 @@ def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, wh
 
 def reward_key(task_cfg: Mapping[str, Any]) -> dict:
     """What the golden RM depends on (no task name: TL;DR and HH share one RM when their blocks agree)."""
-    r = _plain(task_cfg["reward"])
+    r = as_plain(task_cfg["reward"])
     key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "score_dtype", "val_check_interval")}
     key["lengths"] = [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]
     if r.get("init_from_sft"):
-        key["sft"] = _plain(task_cfg["sft"])
+        key["sft"] = as_plain(task_cfg["sft"])
     return key
 
 
@@ -317,7 +318,7 @@ def reward_pairs(task_cfg: Mapping[str, Any], tokenizer, which: str) -> list[dic
     """Tokenized RM pairs of every ``reward.sources`` entry, ``which`` in {"train", "val"}, pooled."""
     r = task_cfg["reward"]
     out: list[dict] = []
-    for name, spec in _plain(r["sources"]).items():
+    for name, spec in as_plain(r["sources"]).items():
         split = spec[f"{which}_split"]
         pairs, counts = load_pairs(spec, split)
         limit = r.get("max_train_pairs") if which == "train" else r.get("max_val_pairs")
@@ -342,25 +343,15 @@ def _with_model(cfg, model_cfg):
 
     out = cfg.copy()
     with open_dict(out):
-        out.model = OmegaConf.create(_plain(model_cfg))
+        out.model = OmegaConf.create(as_plain(model_cfg))
     return out
-
-
-def _trainer(hw, *, max_epochs: int, accumulate: int, run_dir: Path, logger, gradient_clip_val: float,
-             val_check_interval, fast_dev_run: bool) -> L.Trainer:
-    return L.Trainer(
-        accelerator=hw["accelerator"], devices=hw["devices"], num_nodes=hw["num_nodes"], precision=hw["precision"],
-        strategy=hw["strategy"], max_epochs=max_epochs, accumulate_grad_batches=accumulate,
-        gradient_clip_val=gradient_clip_val or None, logger=logger, enable_checkpointing=False,
-        default_root_dir=str(run_dir), fast_dev_run=fast_dev_run, enable_model_summary=False,
-        log_every_n_steps=10, num_sanity_val_steps=0, val_check_interval=val_check_interval,
-    )
 
 
 def run_reward_stage(cfg, fast_dev_run: bool = False) -> Path:
     """Train the golden RM (or reuse it); returns its directory (``model/`` + ``meta.json``)."""
+    from isdpo.data.loader import ResumableLoader
     from isdpo.stages import _finish, _logger, run_dir, run_sft
-    from isdpo.trainer import accumulation
+    from isdpo.trainer import accumulation, build_trainer
 
     task, hw = cfg.task, cfg.hardware
     r = task.reward
@@ -373,34 +364,38 @@ def run_reward_stage(cfg, fast_dev_run: bool = False) -> Path:
         L.seed_everything(int(r.seed), workers=True, verbose=False)
         tok = get_tokenizer(r.model)
         model = load_reward_model(r.model, path=init, pad_token_id=tok.pad_token_id).train()  # from_pretrained gives eval mode
+        if hw.get("activation_checkpointing") and hw.strategy != "fsdp":  # as stages.run_align does for the policy
+            model.gradient_checkpointing_enable()
         train, val = reward_pairs(task, tok, "train"), reward_pairs(task, tok, "val")
         acc = accumulation(r.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
         collate = PreferenceCollator(tok.pad_token_id)
-        train_loader = DataLoader(train, batch_size=hw.per_device_batch_size, shuffle=True, drop_last=False,
-                                  collate_fn=collate, num_workers=hw.num_workers)
+        train_loader = ResumableLoader(train, batch_size=hw.per_device_batch_size, seed=int(r.seed),
+                                       collate_fn=collate, num_workers=hw.num_workers)
         val_loader = DataLoader(val, batch_size=hw.per_device_batch_size, shuffle=False, collate_fn=collate,
                                 num_workers=hw.num_workers)
         module = RewardModule(model, lr=r.lr, weight_decay=r.weight_decay, warmup_steps=r.warmup_steps,
                               schedule=r.schedule)
         logger = _logger(cfg, "reward")
         try:
+            trainer = build_trainer(hw, max_steps=-1, max_epochs=int(r.epochs), accumulate=acc, run_dir=run_dir(cfg),
+                                    logger=logger, callbacks=[], gradient_clip_val=r.gradient_clip_val,
+                                    fast_dev_run=fast_dev_run, model=model)
+            # build_trainer has no val_check_interval argument; Lightning reads this attribute when fit starts.
             vci = r.val_check_interval
-            if isinstance(vci, int) and vci > len(train_loader):
-                vci = 1.0
-            trainer = _trainer(hw, max_epochs=r.epochs, accumulate=acc, run_dir=run_dir(cfg), logger=logger,
-                               gradient_clip_val=r.gradient_clip_val, val_check_interval=vci,
-                               fast_dev_run=fast_dev_run)
+            trainer.val_check_interval = 1.0 if isinstance(vci, int) and vci > len(train_loader) else vci
             trainer.fit(module, train_loader, val_loader)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("reward/")}
         finally:
             _finish(logger)
+        if not trainer.is_global_zero:
+            return {}
         model.save_pretrained(tmp / "model")
         tok.save_pretrained(tmp / "model")
         print(f"[isdpo] golden RM: validation accuracy {metrics.get('reward/val_accuracy', float('nan')):.3f} "
               f"on {len(val)} pairs after {trainer.global_step} steps")
         return {"val_accuracy": metrics.get("reward/val_accuracy"), "val_loss": metrics.get("reward/val_loss"),
                 "metrics": metrics, "n_train": len(train), "n_val": len(val), "steps": trainer.global_step,
-                "init": init or r.model.pretrained, "model": _plain(r.model), "key": reward_key(task)}
+                "init": init or r.model.pretrained, "model": as_plain(r.model), "key": reward_key(task)}
 
     out, reused = publish(path, build, fast_dev_run=fast_dev_run, what="golden reward model")
     print(f"[isdpo] golden RM {'reused' if reused else 'trained'}: {out}")

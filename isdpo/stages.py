@@ -25,7 +25,8 @@ from isdpo.models import freeze, load_causal_lm
 from isdpo.module import PreferenceModule, SFTModule
 from isdpo.trainer import accumulation, build_logger, build_trainer
 
-STAGES = ("sft", "align", "evaluate", "pipeline")
+STAGES = ("sft", "reward", "relabel", "align", "evaluate", "pipeline")
+TEXT_TASKS = ("tldr", "hh")
 
 
 def task_runtime(cfg):
@@ -34,7 +35,11 @@ def task_runtime(cfg):
         from isdpo.data.synthetic_runtime import SyntheticRuntime
 
         return SyntheticRuntime(cfg.task, cfg.paths.cache_dir)
-    raise ValueError(f"task.name={name!r} is not known; allowed: synthetic")
+    if name in TEXT_TASKS:
+        from isdpo.data.text_runtime import TextRuntime
+
+        return TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir, cfg.paths.output_dir)
+    raise ValueError(f"task.name={name!r} is not known; allowed: synthetic, {', '.join(TEXT_TASKS)}")
 
 
 def _container(cfg) -> dict:
@@ -180,12 +185,27 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
         torch.set_num_threads(int(cfg.hardware.torch_threads))
     if stage == "sft":
         return run_sft(cfg, fast_dev_run=fast_dev_run)
+    if stage == "reward":
+        from isdpo.reward import run_reward_stage
+
+        return run_reward_stage(cfg, fast_dev_run=fast_dev_run)
+    if stage == "relabel":
+        from isdpo.relabel import run_relabel_stage
+
+        return run_relabel_stage(cfg, fast_dev_run=fast_dev_run)
     if stage == "align":
         return run_align(cfg, fast_dev_run=fast_dev_run)
     if stage == "evaluate":
         return run_evaluate(cfg)
     if stage == "pipeline":
         ref = run_sft(cfg, fast_dev_run=fast_dev_run)
+        if cfg.task.name in TEXT_TASKS:  # the golden RM labels the pairs and judges the evaluations
+            from isdpo.relabel import run_relabel_stage
+            from isdpo.reward import run_reward_stage
+
+            run_reward_stage(cfg, fast_dev_run=fast_dev_run)
+            if cfg.task.train.preferences == "relabelled":
+                run_relabel_stage(cfg, fast_dev_run=fast_dev_run)
         result = run_align(cfg, ref_dir=ref, fast_dev_run=fast_dev_run)
         if result:  # empty on data-parallel ranks other than zero
             run_evaluate(cfg, ref_dir=ref)

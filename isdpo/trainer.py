@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from isdpo.data.loader import LoaderProgress
@@ -106,6 +107,10 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
     # LoaderProgress must run before ModelCheckpoint (Lightning puts checkpoint callbacks last).
     callbacks = [LoaderProgress(), *callbacks]
     plugins = []
+    if SLURMEnvironment.detect():
+        # Requeue has one owner, submitit (hydra.launcher.max_num_timeout): it requeues the job with the
+        # same overrides and the run resumes from last.ckpt. Lightning must not requeue it a second time.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     if checkpoint_every_n_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                                          every_n_train_steps=checkpoint_every_n_steps))

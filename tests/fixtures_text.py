@@ -11,7 +11,6 @@ TL;DR SFT split (``query``, ``reference_response``), Anthropic-HH (``prompt``, `
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import sys
@@ -154,37 +153,6 @@ def text_overrides(paths: dict[str, str], task: str = "tldr", *, model: str = "t
             "task.eval.max_new_tokens=8", "task.eval.batch_size=8", "task.eval.kl_exact_sampling=false",
         ]
     return ov
-
-
-@contextlib.contextmanager
-def text_tasks_wired():
-    """Make isdpo.stages.task_runtime build a TextRuntime for tldr/hh (what the lead's edit of stages.py does),
-    and stages.load_causal_lm release a GGUF model's quantizer marker (the proposed edit of isdpo/models.py).
-
-    A no-op once stages.py / models.py do both themselves.
-    """
-    import isdpo.stages as stages
-    from isdpo.data.text_runtime import TextRuntime
-    from isdpo.reward import release_gguf_quantizer
-
-    original, original_load = stages.task_runtime, stages.load_causal_lm
-
-    def load_causal_lm(*args, **kwargs):  # the edit proposed for isdpo.models.load_causal_lm (GGUF models saveable)
-        return release_gguf_quantizer(original_load(*args, **kwargs))
-
-    def task_runtime(cfg):
-        if cfg.task.name in ("tldr", "hh"):
-            try:
-                return original(cfg)
-            except ValueError:
-                return TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir, cfg.paths.output_dir)
-        return original(cfg)
-
-    stages.task_runtime, stages.load_causal_lm = task_runtime, load_causal_lm
-    try:
-        yield
-    finally:
-        stages.task_runtime, stages.load_causal_lm = original, original_load
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from isdpo.losses import build_loss
 from isdpo.module import PreferenceModule
 from isdpo.relabel import behavior_logps, pair_up, run_relabel_stage
 from isdpo.reward import GoldenRM, RewardModule, bradley_terry_loss, reward_dir, run_reward_stage, sequence_rewards
-from tests.fixtures_text import build_standins, text_overrides, text_tasks_wired
+from tests.fixtures_text import build_standins, text_overrides
 from tests.hydra_utils import compose_cfg
 
 
@@ -50,11 +50,10 @@ def chain(standins, tmp_path_factory):
     """TL;DR with fast_dev_run, then HH for real (tiny sizes), sharing one cache (one SFT set, one golden RM)."""
     tmp = tmp_path_factory.mktemp("chain")
     cache = tmp / "cache"
-    with text_tasks_wired():
-        fdr_cfg = _cfg(standins, tmp / "fdr", "tldr", cache=cache)
-        fdr = _stages(fdr_cfg, fast_dev_run=True)
-        real_cfg = _cfg(standins, tmp / "real", "hh", ["task.eval.every_n_steps=1"], cache=cache)
-        real = _stages(real_cfg, fast_dev_run=False)
+    fdr_cfg = _cfg(standins, tmp / "fdr", "tldr", cache=cache)
+    fdr = _stages(fdr_cfg, fast_dev_run=True)
+    real_cfg = _cfg(standins, tmp / "real", "hh", ["task.eval.every_n_steps=1"], cache=cache)
+    real = _stages(real_cfg, fast_dev_run=False)
     return {"fdr": fdr, "fdr_cfg": fdr_cfg, "real": real, "real_cfg": real_cfg, "cache": cache}
 
 
@@ -105,13 +104,12 @@ def test_relabelled_chosen_responses_have_the_higher_golden_score(chain):
 def test_relabel_generate_keeps_behavior_logps(chain, standins, tmp_path):
     extra = ["task.relabel.source=generate", "task.relabel.k=3", "task.relabel.pairing=all",
              "task.relabel.temperature=0.7", "task.relabel.top_p=0.9", "task.relabel.max_prompts=6"]
-    with text_tasks_wired():
-        cfg = _cfg(standins, tmp_path, "hh", extra, cache=chain["cache"])
-        path = run_relabel_stage(cfg)
-        rt = TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir)
-        from isdpo import stages
+    cfg = _cfg(standins, tmp_path, "hh", extra, cache=chain["cache"])
+    path = run_relabel_stage(cfg)
+    rt = TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir)
+    from isdpo import stages
 
-        ref_dir = stages.run_sft(cfg)
+    ref_dir = stages.run_sft(cfg)
     assert ref_dir == chain["real"]["sft"]  # the same SFT policy generated the responses
     rows = [json.loads(line) for line in (path / "pairs.jsonl").read_text().splitlines()]
     assert 0 < len(rows) <= 6 * 3

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fixtures_text import build_standins, text_overrides, text_tasks_wired
+from tests.fixtures_text import build_standins, text_overrides
 from tests.hydra_utils import ROOT, compose_cfg
 
 GGUF = ROOT / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,12 +40,11 @@ def test_smollm2_sft_reward_relabel_isdpo_evaluate(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(stages.PreferenceModule, "training_step", recording_step)
-    with text_tasks_wired():
-        ref = stages.run_sft(cfg)
-        rm = run_reward_stage(cfg)
-        relabelled = run_relabel_stage(cfg)
-        result = stages.run_align(cfg, ref_dir=ref)
-        evaluation = stages.run_evaluate(cfg, ref_dir=ref)
+    ref = stages.run_sft(cfg)
+    rm = run_reward_stage(cfg)
+    relabelled = run_relabel_stage(cfg)
+    result = stages.run_align(cfg, ref_dir=ref)
+    evaluation = stages.run_evaluate(cfg, ref_dir=ref)
 
     assert json.loads((rm / "meta.json").read_text())["steps"] == 1  # 8 pairs at global batch 8, one epoch
     assert len((relabelled / "pairs.jsonl").read_text().splitlines()) > 0

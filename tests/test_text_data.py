@@ -173,10 +173,13 @@ def test_every_config_key_has_a_comment(path):
     ("task.eval.reference=both", "task.eval.reference='both' is not known"),
     ("task.reward.global_batch_size=0", "task.reward.global_batch_size must be an int >= 1"),
     ("~task.columns.rejected", "task.columns must map prompt, chosen, rejected"),
+    ("model=tiny", "model='tiny' has no checkpoint .* task=hh needs a pretrained model, e.g. model=llama32_3b"),
 ])
 def test_invalid_text_task_settings_are_named(override, message, tmp_path):
     from isdpo.data.text import validate_text_task
 
-    validate_text_task(compose_cfg(["task=hh"], tmp_path).task)
+    cfg = compose_cfg(["task=hh", "model=llama32_3b"], tmp_path)
+    validate_text_task(cfg.task, cfg.model)
     with pytest.raises(ValueError, match=message):
-        validate_text_task(compose_cfg(["task=hh", override], tmp_path).task)
+        cfg = compose_cfg(["task=hh", "model=llama32_3b", override], tmp_path)
+        validate_text_task(cfg.task, cfg.model)

@@ -52,12 +52,12 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _plain(obj: Any) -> Any:
+def as_plain(obj: Any) -> Any:
     """OmegaConf containers (a Mapping / a Sequence) -> plain dicts/lists; this module never imports omegaconf."""
     if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: as_plain(v) for k, v in obj.items()}
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
-        return [_plain(v) for v in obj]
+        return [as_plain(v) for v in obj]
     return obj
 
 
@@ -67,7 +67,7 @@ def _local_file(data_files: Any, split: str) -> str | None:
         return None
     if isinstance(data_files, str):
         return data_files
-    data_files = _plain(data_files)
+    data_files = as_plain(data_files)
     if split not in data_files or data_files[split] is None:
         raise DataError(f"data_files has no file for split {split!r} (it has: {', '.join(data_files) or 'none'})")
     return str(data_files[split])
@@ -141,7 +141,7 @@ def load_pairs(spec: Mapping[str, Any], split: str, *, limit: int | None = None)
     ``<|endoftext|>`` baked into the TL;DR texts; the tokenizer's own EOS is appended later) and
     ``drop_identical`` (drop pairs with chosen == rejected). Returns ``(pairs, counts)``.
     """
-    cols = _plain(spec["columns"])
+    cols = as_plain(spec["columns"])
     rows = read_table(spec.get("dataset"), spec.get("data_files"), split, [cols[f] for f in PAIR_FIELDS])
     suffix = spec.get("strip_suffix")
     pairs, identical = [], 0
@@ -160,7 +160,7 @@ def load_pairs(spec: Mapping[str, Any], split: str, *, limit: int | None = None)
 
 def load_sft(spec: Mapping[str, Any], *, limit: int | None = None) -> list[dict]:
     """SFT examples ``{"prompt", "response"}`` (text) of one source (its own ``split`` and ``columns``)."""
-    cols = _plain(spec["columns"])
+    cols = as_plain(spec["columns"])
     rows = read_table(spec.get("dataset"), spec.get("data_files"), spec["split"], [cols[f] for f in SFT_FIELDS])
     suffix = spec.get("strip_suffix")
     out = [{"prompt": str(r[cols["prompt"]]).lstrip(" "), "response": _clean_response(str(r[cols["response"]]), suffix)}
@@ -379,8 +379,9 @@ def get_tokenizer(model_cfg: Mapping[str, Any]):
 # Config validation (called by isdpo.config.validate for the text tasks)
 # --------------------------------------------------------------------------------------------
 
-def validate_text_task(task: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the key and the allowed values on the first invalid setting of a text task."""
+def validate_text_task(task: Mapping[str, Any], model: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError naming the key and the allowed values on the first invalid setting of a text task
+    (and of ``model``, which must bring a checkpoint or a tokenizer: the text tasks have no vocabulary of their own)."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ValueError(msg)
@@ -388,7 +389,11 @@ def validate_text_task(task: Mapping[str, Any]) -> None:
     def one_of(key: str, value: Any, allowed: Sequence[str]) -> None:
         need(value in allowed, f"task.{key}={value!r} is not known; allowed: {', '.join(allowed)}")
 
-    t = _plain(task)
+    t = as_plain(task)
+    if model is not None:
+        need(bool(model.get("pretrained") or model.get("tokenizer")),
+             f"model={model.get('name')!r} has no checkpoint (model.pretrained is null): task={t.get('name')} needs a "
+             f"pretrained model, e.g. model=llama32_3b (the paper), pythia_1b, smollm2_135m or tiny_llama_local")
     need(isinstance(t.get("max_length"), int) and isinstance(t.get("max_prompt_length"), int)
          and 0 < t["max_prompt_length"] < t["max_length"],
          f"task.max_prompt_length ({t.get('max_prompt_length')}) must be a positive int < task.max_length "

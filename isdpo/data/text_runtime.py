@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from isdpo.data.text import (DataError, _plain, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
+from isdpo.data.text import (as_plain, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
                              subsample, tokenize_pairs, tokenize_sft, tokenizer_source)
 from isdpo.evaluate import Evaluator
 
@@ -101,7 +101,7 @@ class TextRuntime:
     def sft_examples(self) -> list[dict]:
         sft = self.cfg["sft"]
         out: list[dict] = []
-        for name, spec in _plain(sft["sources"]).items():
+        for name, spec in as_plain(sft["sources"]).items():
             rows = load_sft(spec, limit=sft.get("max_examples_per_source"))
             toks, _ = tokenize_sft(rows, self.tokenizer, name=f"sft/{name}", **self.lengths)
             out.extend(toks)

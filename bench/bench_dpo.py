@@ -1,0 +1,661 @@
+#!/usr/bin/env python
+"""DPO training throughput and peak memory: isdpo vs TRL's DPOTrainer, same model, pairs and batches.
+
+    python bench/bench_dpo.py                                  # both models, default sizes (minutes on 2 cores)
+    python bench/bench_dpo.py --model tiny --steps 30 --repeats 3
+    python bench/bench_dpo.py --model smollm2 --steps 6 --repeats 2
+    python bench/bench_dpo.py --model tiny --ablations         # + each fast-path switch alone
+
+What runs. One process runs every configuration in turn, interleaved (rep 1: A B C ..., rep 2:
+... C B A), so machine noise hits all sides alike; ratios are of medians over the repeats.
+
+- isdpo: the experiment's own path. PreferenceModule (one concatenated forward per model through
+  isdpo.logprobs, the loss of isdpo.losses.build_loss("dpo")) under the Lightning Trainer built by
+  isdpo.trainer.build_trainer, fed by isdpo.data.loader.ResumableLoader + PreferenceCollator:
+  what stage=align runs, minus evaluation and checkpointing. (The Trainer, not a bare loop,
+  because TRL is measured with its Trainer too: each framework's per-step overhead is part of it.)
+  A subclass (BenchModule) only adds the fast-path switches the lead still has to wire into the
+  module (batch_logps, fused AdamW); with the switches off it IS PreferenceModule.
+- TRL 1.16: DPOTrainer (loss_type sigmoid = DPO) on the same text, tokenised by TRL itself (the
+  bench checks that TRL's token ids equal isdpo's), the same batch size, the same batch order
+  (a fixed pre-shuffled order on both sides: TRL's sampler is replaced by a sequential one).
+
+Equal settings on both sides: fp32 weights and compute, no gradient checkpointing, AdamW lr 1e-6,
+gradient clipping at 1.0, no dropout, beta 0.1, same threads. TRL's shipped defaults differ in
+three ways: bf16 autocast, gradient checkpointing on (both off here, as isdpo's CPU hardware
+config has them) and a fused AdamW (kept: that one is TRL's own choice; "isdpo/equal" uses
+isdpo's plain AdamW, "isdpo/fast" a fused one). ``--extras`` adds TRL exactly as shipped.
+
+Configurations (ref = reference log-probs):
+  trl/online        TRL defaults: online reference, right-padded batches in random order
+  isdpo/online      same settings as trl/online (online ref, same padded batches)
+  trl/precomputed   TRL with precompute_ref_log_probs=True
+  isdpo/precomputed isdpo with reference log-probs from isdpo.ref_cache (same padded batches)
+  isdpo/fast        the whole fast path: precomputed ref + length-grouped batches + packed rows with
+                    the prompt shared by chosen and rejected + fused AdamW
+  isdpo/fast-online the same with an online reference
+  (--ablations: each switch alone on top of isdpo/online, and the slow variants: separate
+   chosen/rejected forwards, full-vocabulary logits)
+
+Measured: wall time from the end of the last warm-up step to the end of the last step (data
+loading, forward, backward, clipping, optimizer, logging: all of it); pairs/s; tokens/s counted as
+prompt+response tokens of both rows of every pair without padding (the same count for every
+configuration, whatever it pads or shares); peak memory = peak RSS of the process during the
+configuration's run (models, optimizer state, activations, data) minus its RSS just before (after
+gc + malloc_trim), sampled every 5 ms by a thread (on GPU: torch.cuda.max_memory_allocated).
+Reference precompute time is reported apart (it is paid once per data set and reference, and
+isdpo caches it on disk across runs).
+
+Data: a TL;DR-like spread of lengths: prompts uniform in [100, 500] tokens, each response uniform
+in [20, 100], times a scale. These CPUs are slow, so the defaults scale down and keep the spread:
+tiny 0.5 ([50, 250] and [10, 50]), SmolLM2 0.2 ([20, 100] and [4, 20]); --scale 1 gives the full
+lengths. Text is random words that are one token each (EOS appended by TRL's rule), so token
+lengths are exact.
+
+Results: a table on stdout and JSON under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results"
+CACHE = RESULTS / "cache"
+GGUF_DIR = ROOT / "models" / "smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+BETA, LR, CLIP = 0.1, 1e-6, 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# configurations
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    side: str                      # isdpo | trl
+    ref: str = "online"            # online | precomputed
+    grouped: bool = False          # isdpo: length-grouped batches
+    packing: bool = False          # isdpo: packed rows, prompt shared by chosen and rejected
+    share_prompt: bool = True      # isdpo packing: one segment per pair (True) or per row (False)
+    response_only: bool = True     # isdpo: LM head at response positions only
+    concatenated: bool = True      # isdpo: one forward for chosen+rejected (False: two)
+    fused_adam: bool = False       # isdpo: torch.optim.AdamW(fused=True)
+    compile: bool = False          # isdpo: torch.compile the decoder
+    grad_ckpt: bool = False        # both: gradient checkpointing
+    trl_optim: str = "adamw_torch_fused"  # trl: TRL's default optimizer
+    trl_bf16: bool = False         # trl: bf16 autocast (TRL's shipped default is True)
+
+
+MAIN = [
+    RunSpec("trl/online", "trl"),
+    RunSpec("isdpo/online", "isdpo"),
+    RunSpec("trl/precomputed", "trl", ref="precomputed"),
+    RunSpec("isdpo/precomputed", "isdpo", ref="precomputed"),
+    RunSpec("isdpo/fast", "isdpo", ref="precomputed", grouped=True, packing=True, fused_adam=True),
+    RunSpec("isdpo/fast-online", "isdpo", grouped=True, packing=True, fused_adam=True),
+]
+ABLATIONS = [
+    RunSpec("trl/online-adamw", "trl", trl_optim="adamw_torch"),
+    RunSpec("isdpo/online+fused", "isdpo", fused_adam=True),
+    RunSpec("isdpo/online+grouped", "isdpo", grouped=True),
+    RunSpec("isdpo/online+packed", "isdpo", packing=True),
+    RunSpec("isdpo/online+packed-noshare", "isdpo", packing=True, share_prompt=False),
+    RunSpec("isdpo/online-split", "isdpo", concatenated=False),
+    RunSpec("isdpo/online-fulllogits", "isdpo", response_only=False),
+    RunSpec("isdpo/online+gradckpt", "isdpo", grad_ckpt=True),
+    RunSpec("trl/online+gradckpt", "trl", grad_ckpt=True),
+]
+COMPILE = [RunSpec("isdpo/online+compile", "isdpo", compile=True),
+           RunSpec("isdpo/fast+compile", "isdpo", ref="precomputed", grouped=True, packing=True, fused_adam=True,
+                   compile=True)]
+EXTRAS = [RunSpec("trl/shipped-defaults", "trl", grad_ckpt=True, trl_bf16=True)]
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    prompt: tuple[int, int]
+    response: tuple[int, int]
+    batch: int
+    steps: int
+    warmup: int
+    repeats: int
+    scale: float
+
+
+#: TL;DR-like lengths (prompts 100-500 tokens, responses 20-100), multiplied by ``scale``: on these
+#: CPUs the defaults are scaled down (the spread kept) to fit minutes; --scale 1 gives the full lengths.
+MODELS = {
+    "tiny": ModelSpec("tiny", (100, 500), (20, 100), batch=4, steps=10, warmup=2, repeats=2, scale=0.5),
+    "smollm2": ModelSpec("smollm2", (100, 500), (20, 100), batch=2, steps=2, warmup=1, repeats=1, scale=0.2),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# memory and time
+# ------------------------------------------------------------------------------------------------
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
+
+
+def release_memory():
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)  # hand freed heap pages back, so the next run's RSS baseline is its own
+
+
+class RSSMonitor:
+    """Peak RSS above the RSS at start, sampled by a thread (torch's CPU allocator has no peak counter)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.proc, self.interval = psutil.Process(), interval
+        self.baseline = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.cuda_base = torch.cuda.memory_allocated()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        if torch.cuda.is_available():
+            return (torch.cuda.max_memory_allocated() - self.cuda_base) / 2**20
+        return (self.peak - self.baseline) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# data, tokenizers, models
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer(seed: int = 0, n_words: int = 2000):
+    """A word-level tokenizer trained on the spot with `tokenizers` on a random-word corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = sorted({"".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(n_words)})
+    corpus = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(400)] + words
+    tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    return tok, words
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    path = CACHE / "smollm2"
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # words that are exactly one token with a leading space, so " w1 w2 ... wn" is n tokens
+    cands = [t[1:] for t in tok.get_vocab() if t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha()
+             and t[1:].islower() and len(t) >= 4]
+    cands.sort()
+    enc = tok([" " + w for w in cands], add_special_tokens=False)["input_ids"]
+    words = [w for w, ids in zip(cands, enc) if len(ids) == 1][:5000]
+    return tok, words
+
+
+def ensure_smollm2() -> bool:
+    """Float weights of the GGUF file, saved once as safetensors (de-quantising the GGUF takes minutes)."""
+    path = CACHE / "smollm2"
+    if (path / "model.safetensors").exists():
+        return True
+    if not (GGUF_DIR / GGUF_FILE).exists():
+        return False
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    print(f"[bench] de-quantising {GGUF_FILE} once into {path} ...", flush=True)
+    m = AutoModelForCausalLM.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_FILE)
+    cfg = m.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    clean = LlamaForCausalLM(cfg)
+    clean.load_state_dict(m.state_dict())
+    clean.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return True
+
+
+def make_texts(words, n: int, spec: ModelSpec, scale: float, seed: int):
+    rng = random.Random(seed)
+
+    def span(lo_hi):
+        lo, hi = (max(1, round(v * scale)) for v in lo_hi)
+        return " " + " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    return [{"prompt": span(spec.prompt), "chosen": span(spec.response), "rejected": span(spec.response)}
+            for _ in range(n)]
+
+
+def tokenize_like_trl(tok, texts):
+    """TRL's tokenisation of prompt/chosen/rejected text (EOS appended to responses), as token-id pairs."""
+    eos = tok.eos_token
+    out = []
+    for t in texts:
+        p = tok(t["prompt"])["input_ids"]
+        c = tok(t["prompt"] + t["chosen"] + eos)["input_ids"]
+        r = tok(t["prompt"] + t["rejected"] + eos)["input_ids"]
+        assert c[: len(p)] == p and r[: len(p)] == p, "prompt is not a token prefix"
+        out.append({"prompt_ids": p, "chosen_ids": c[len(p):], "rejected_ids": r[len(p):]})
+    return out
+
+
+class Bench:
+    """One model's data, tokenizer and weights (each run builds fresh models from the same weights)."""
+
+    def __init__(self, model: str, spec: ModelSpec, scale: float, seed: int):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.model, self.spec = model, spec
+        if model == "tiny":
+            self.tok, words = tiny_tokenizer(seed)
+            torch.manual_seed(seed)
+            # conf/model/tiny.yaml's architecture; longer positions for TL;DR-length rows
+            cfg = LlamaConfig(vocab_size=len(self.tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                              tie_word_embeddings=False, pad_token_id=self.tok.pad_token_id)
+            m = LlamaForCausalLM(cfg)
+            self.state = {k: v.clone() for k, v in m.state_dict().items()}
+            self.config = cfg
+            self.model_dir = None
+        else:
+            self.tok, words = smollm2_tokenizer()
+            self.model_dir = str(CACHE / "smollm2")
+        self.n_pairs = spec.batch * (spec.warmup + spec.steps)
+        self.texts = make_texts(words, self.n_pairs, spec, scale, seed)
+        self.examples = tokenize_like_trl(self.tok, self.texts)
+        self.pad_id = self.tok.pad_token_id
+        self.seq_tokens = [len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                           for e in self.examples]
+
+    def build_model(self):
+        from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+        if self.model_dir is None:
+            m = LlamaForCausalLM(self.config)
+            m.load_state_dict(self.state)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        return m.to("cuda" if torch.cuda.is_available() else "cpu")
+
+    def describe(self) -> dict:
+        ex = self.examples
+        pl = [len(e["prompt_ids"]) for e in ex]
+        rl = [len(e["chosen_ids"]) for e in ex] + [len(e["rejected_ids"]) for e in ex]
+        B = self.spec.batch
+        padded = sum(2 * B * max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                                 for e in ex[i:i + B]) for i in range(0, len(ex), B))
+        return {"pairs": len(ex), "prompt_tokens": [min(pl), statistics.median(pl), max(pl)],
+                "response_tokens": [min(rl), statistics.median(rl), max(rl)],
+                "padding_fraction_random_batches": round(1 - sum(self.seq_tokens) / padded, 3)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the two sides
+# ------------------------------------------------------------------------------------------------
+
+
+def _timed(marks: list[float], bench: Bench) -> dict:
+    w, B = bench.spec.warmup, bench.spec.batch
+    marks = marks[w - 1:] if w > 0 else marks
+    steps = len(marks) - 1
+    dt = [b - a for a, b in zip(marks, marks[1:])]
+    total = marks[-1] - marks[0]
+    pairs = steps * B
+    tokens = sum(bench.seq_tokens[w * B: (w + steps) * B])
+    return {"steps_timed": steps, "seconds": total, "pairs_per_s": pairs / total, "tokens_per_s": tokens / total,
+            "step_s_median": statistics.median(dt), "step_s": [round(x, 4) for x in dt]}
+
+
+def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from isdpo.data.batching import LengthGroupedSampler, PackedPreferenceCollator
+    from isdpo.data.collate import PreferenceCollator
+    from isdpo.data.loader import ResumableLoader
+    from isdpo.logprobs import batch_logps, compile_decoder
+    from isdpo.losses import build_loss
+    from isdpo.module import PreferenceModule
+    from isdpo.ref_cache import add_reference_logps
+    from isdpo.trainer import build_trainer
+
+    class BenchModule(PreferenceModule):
+        """PreferenceModule + the fast-path switches (to be wired into the module itself)."""
+
+        def __init__(self, *a, concatenated=True, fused_adam=False, **kw):
+            super().__init__(*a, **kw)
+            self.concatenated, self.fused_adam = concatenated, fused_adam
+
+        def logps(self, model, batch):
+            return batch_logps(model, batch, response_only=self.response_only, concatenated=self.concatenated)
+
+        def configure_optimizers(self):
+            cfg = super().configure_optimizers()
+            if self.fused_adam:
+                old = cfg["optimizer"]
+                new = torch.optim.AdamW(old.param_groups[0]["params"], lr=self.lr, weight_decay=self.weight_decay,
+                                        fused=True)
+                cfg["optimizer"] = new
+                cfg["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
+                    new, cfg["lr_scheduler"]["scheduler"].lr_lambdas[0])
+            return cfg
+
+    class Timer(L.Callback):
+        def __init__(self):
+            self.marks = []
+
+        def on_train_batch_end(self, *a):
+            self.marks.append(time.perf_counter())
+
+    B, S = bench.spec.batch, bench.spec
+    examples = bench.examples
+    out: dict = {}
+    policy = bench.build_model()
+    if spec.grad_ckpt:
+        policy.gradient_checkpointing_enable()
+    reference = freeze_copy(bench) if spec.ref == "online" or spec.ref == "precomputed" else None
+    if spec.ref == "precomputed":
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            examples, _, _ = add_reference_logps(list(examples), reference, pad_id=bench.pad_id, cache_dir=tmp,
+                                                 batch_size=B)
+        out["precompute_s"] = time.perf_counter() - t
+        del reference
+        reference = None
+        release_memory()
+    if spec.compile:
+        compile_decoder(policy)
+    collate = (PackedPreferenceCollator(bench.pad_id, share_prompt=spec.share_prompt) if spec.packing
+               else PreferenceCollator(bench.pad_id))
+    if spec.grouped:
+        # warm-up batches first (the same pairs as every other configuration), then the timed pairs in
+        # length-grouped order (isdpo.data.batching.LengthGroupedSampler, as LengthGroupedLoader uses it)
+        w = S.warmup * B
+        from isdpo.data.batching import pair_length
+
+        sampler = LengthGroupedSampler([pair_length(e) for e in examples[w:]], B, seed=0)
+        order = list(range(w)) + [w + i for i in sampler._indices()]
+        loader = DataLoader(examples, batch_size=B, sampler=order, collate_fn=collate, drop_last=True)
+    else:
+        loader = ResumableLoader(examples, batch_size=B, seed=0, shuffle=False, collate_fn=collate)
+    module = BenchModule(policy, reference, build_loss("dpo", BETA), lr=LR, schedule="constant",
+                         response_only=spec.response_only, concatenated=spec.concatenated, fused_adam=spec.fused_adam)
+    hw = {"accelerator": "gpu" if torch.cuda.is_available() else "cpu", "devices": 1, "num_nodes": 1,
+          "precision": "32-true", "strategy": "auto"}
+    timer = Timer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(hw, max_steps=S.warmup + S.steps, accumulate=1, run_dir=Path(tmp), logger=False,
+                                callbacks=[timer], gradient_clip_val=CLIP, progress=False)
+        with wrap():
+            trainer.fit(module, loader)
+    out.update(_timed(timer.marks, bench))
+    out["final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    del trainer, module, policy, reference, loader
+    return out
+
+
+def freeze_copy(bench: Bench):
+    from isdpo.models import freeze
+
+    return freeze(bench.build_model())
+
+
+def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.marks = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.marks.append(time.perf_counter())
+
+    class FixedOrderDPOTrainer(DPOTrainer):
+        # the same batches as isdpo: the data set is already in a (seeded) random order
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    S = bench.spec
+    out: dict = {}
+    policy = bench.build_model()
+    ref = freeze_copy(bench) if spec.ref == "online" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(
+            output_dir=tmp, per_device_train_batch_size=S.batch, max_steps=S.warmup + S.steps, learning_rate=LR,
+            beta=BETA, loss_type=["sigmoid"], max_grad_norm=CLIP, optim=spec.trl_optim,
+            gradient_checkpointing=spec.grad_ckpt, bf16=spec.trl_bf16, use_cpu=not torch.cuda.is_available(),
+            precompute_ref_log_probs=spec.ref == "precomputed", precompute_ref_batch_size=S.batch,
+            report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+            lr_scheduler_type="constant",
+        )
+        timer = Timer()
+        data = Dataset.from_list(bench.texts)
+        t = time.perf_counter()
+        trainer = FixedOrderDPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data,
+                                       processing_class=bench.tok, callbacks=[timer])
+        if spec.ref == "precomputed":
+            out["precompute_s"] = time.perf_counter() - t  # tokenisation included (TRL does both in __init__)
+        ds = trainer.train_dataset
+        out["tokens_match_isdpo"] = (ds["prompt_ids"] == [e["prompt_ids"] for e in bench.examples]
+                                     and ds["chosen_ids"] == [e["chosen_ids"] for e in bench.examples]
+                                     and ds["rejected_ids"] == [e["rejected_ids"] for e in bench.examples])
+        with wrap():
+            res = trainer.train()
+        out.update(_timed(timer.marks, bench))
+        out["final_loss"] = float(res.training_loss)
+        del trainer, policy, ref, data, ds
+    return out
+
+
+def run_one(spec: RunSpec, bench: Bench) -> dict:
+    release_memory()
+    time.sleep(0.2)
+    with RSSMonitor() as mon:
+        res = (run_isdpo if spec.side == "isdpo" else run_trl)(spec, bench)
+        release_memory()
+    res["peak_mem_mb"] = mon.peak_mb
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# driver
+# ------------------------------------------------------------------------------------------------
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {
+            "pairs_per_s": median([r["pairs_per_s"] for r in rs]),
+            "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
+            "step_s_median": median([r["step_s_median"] for r in rs]),
+            "peak_mem_mb": median([r["peak_mem_mb"] for r in rs]),
+            "precompute_s": median([r.get("precompute_s") for r in rs]),
+            "pairs_per_s_each_rep": [round(r["pairs_per_s"], 3) for r in rs],
+            "peak_mem_mb_each_rep": [round(r["peak_mem_mb"], 1) for r in rs],
+        }
+    return out
+
+
+RATIOS = [
+    ("isdpo/online", "trl/online", "equal settings, online ref (target >= 1.2x, memory <= 1x)"),
+    ("isdpo/precomputed", "trl/precomputed", "equal settings, precomputed ref"),
+    ("isdpo/fast", "trl/online", "isdpo whole fast path vs TRL defaults (target >= 1.5x)"),
+    ("isdpo/fast", "trl/precomputed", "isdpo whole fast path vs TRL precomputed"),
+    ("isdpo/fast-online", "trl/online", "isdpo fast path, online ref, vs TRL defaults"),
+]
+
+
+def ratios(summary: dict, runs: dict) -> list[dict]:
+    out = []
+    for a, b, what in RATIOS:
+        if a not in summary or b not in summary:
+            continue
+        paired = [ra["pairs_per_s"] / rb["pairs_per_s"] for ra, rb in zip(runs[a], runs[b])]
+        out.append({"isdpo": a, "trl": b, "what": what,
+                    "pairs_per_s_ratio": summary[a]["pairs_per_s"] / summary[b]["pairs_per_s"],
+                    "pairs_per_s_ratio_paired_median": statistics.median(paired),
+                    "tokens_per_s_ratio": summary[a]["tokens_per_s"] / summary[b]["tokens_per_s"],
+                    "peak_mem_ratio": (summary[a]["peak_mem_mb"] / summary[b]["peak_mem_mb"]
+                                       if summary[b]["peak_mem_mb"] else None)})
+    return out
+
+
+def print_table(model: str, bench: Bench, summary: dict, rat: list[dict]):
+    print(f"\n=== {model}: {bench.describe()}  batch={bench.spec.batch} pairs, steps={bench.spec.steps} "
+          f"(+{bench.spec.warmup} warm-up), repeats={len(next(iter(summary.values()))['pairs_per_s_each_rep'])}")
+    hdr = f"{'config':30s} {'pairs/s':>9s} {'tokens/s':>10s} {'step s':>8s} {'peak MB':>9s} {'precomp s':>9s}  pairs/s each rep"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, s in summary.items():
+        pre = f"{s['precompute_s']:9.2f}" if s["precompute_s"] is not None else f"{'-':>9s}"
+        print(f"{name:30s} {s['pairs_per_s']:9.3f} {s['tokens_per_s']:10.0f} {s['step_s_median']:8.3f} "
+              f"{s['peak_mem_mb']:9.1f} {pre}  {s['pairs_per_s_each_rep']}")
+    print("ratios (isdpo / TRL; medians over repeats; 'paired' = median of per-repeat ratios):")
+    for r in rat:
+        mem = f"{r['peak_mem_ratio']:.2f}x" if r["peak_mem_ratio"] is not None else "-"
+        print(f"  {r['isdpo']:20s} / {r['trl']:16s} pairs/s {r['pairs_per_s_ratio']:.2f}x "
+              f"(paired {r['pairs_per_s_ratio_paired_median']:.2f}x)  tokens/s {r['tokens_per_s_ratio']:.2f}x  "
+              f"peak mem {mem}   [{r['what']}]")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
+    ap.add_argument("--steps", type=int, help="timed steps per run (default per model)")
+    ap.add_argument("--warmup", type=int, help="untimed first steps per run (default per model)")
+    ap.add_argument("--repeats", type=int, help="interleaved repeats of every configuration")
+    ap.add_argument("--batch", type=int, help="pairs per step (default per model)")
+    ap.add_argument("--scale", type=float, help="length scale of TL;DR-like prompts/responses (default: tiny 0.5, smollm2 0.2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every run")
+    ap.add_argument("--ablations", action="store_true", help="also each fast-path switch alone")
+    ap.add_argument("--extras", action="store_true", help="also TRL exactly as shipped (bf16 autocast, grad ckpt)")
+    ap.add_argument("--compile", action="store_true", help="also isdpo with torch.compile (compiling takes minutes on CPU)")
+    ap.add_argument("--only", nargs="*", help="run only these configuration names")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_dpo_<model>.json)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    models = ["tiny", "smollm2"] if args.model == "all" else [args.model]
+    specs = (MAIN + (ABLATIONS if args.ablations else []) + (EXTRAS if args.extras else [])
+             + (COMPILE if args.compile else []))
+    if args.only:
+        specs = [s for s in specs if s.name in args.only]
+    import transformers
+    import trl
+
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+               "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "load_avg_start": os.getloadavg()}
+    print(f"[bench] {machine}", flush=True)
+    all_results = {}
+    for model in models:
+        spec = MODELS[model]
+        spec = replace(spec, **{k: v for k, v in {"steps": args.steps, "warmup": args.warmup,
+                                                  "repeats": args.repeats, "batch": args.batch}.items()
+                                if v is not None})
+        if model == "smollm2" and not ensure_smollm2():
+            print(f"[bench] smollm2 skipped: {GGUF_DIR / GGUF_FILE} is absent (run scripts/get_smollm2.sh)")
+            continue
+        scale = args.scale if args.scale is not None else spec.scale
+        bench = Bench(model, spec, scale, args.seed)
+        print(f"[bench] {model}: {bench.describe()}", flush=True)
+        runs: dict[str, list[dict]] = {s.name: [] for s in specs}
+        t0 = time.time()
+        for rep in range(spec.repeats):
+            order = specs if rep % 2 == 0 else specs[::-1]
+            for s in order:
+                try:
+                    r = run_one(s, bench)
+                except Exception as e:  # a failing configuration is reported, the others still run
+                    print(f"[bench] {model} {s.name} rep {rep}: FAILED {type(e).__name__}: {e}", flush=True)
+                    runs[s.name].append(None)
+                    continue
+                runs[s.name].append(r)
+                print(f"[bench] {model} rep {rep} {s.name:28s} {r['pairs_per_s']:8.3f} pairs/s "
+                      f"{r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mem_mb']:8.1f} MB  "
+                      f"loss {r['final_loss']:.4f}" + (f"  precompute {r['precompute_s']:.2f}s"
+                                                        if "precompute_s" in r else ""), flush=True)
+        runs = {k: [r for r in v if r is not None] for k, v in runs.items()}
+        runs = {k: v for k, v in runs.items() if v}
+        summary = summarise(runs)
+        rat = ratios(summary, runs)
+        print_table(model, bench, summary, rat)
+        res = {"model": model, "machine": {**machine, "load_avg_end": os.getloadavg()}, "spec": asdict(spec),
+               "scale": scale, "data": bench.describe(), "configs": {s.name: asdict(s) for s in specs},
+               "summary": summary, "ratios": rat, "runs": runs, "wall_s": time.time() - t0}
+        path = Path(args.out) if args.out and len(models) == 1 else RESULTS / f"bench_dpo_{model}.json"
+        path.write_text(json.dumps(res, indent=1))
+        print(f"[bench] wrote {path}")
+        all_results[model] = res
+    return all_results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Throughput and model-FLOPs utilisation (MFU) of training, as a Lightning callback.
+
+Model FLOPs follow the usual rule (Kaplan et al. 2020, "Scaling Laws for Neural Language Models",
+section 2.1; the MFU of Chowdhery et al. 2022, "PaLM", appendix B): a forward pass costs 2N FLOPs
+per token and a backward pass 4N, N = parameters that take part in matrix multiplies::
+
+    step FLOPs = 6 N_policy * policy tokens + 2 N_ref * reference tokens   (reference: forward only)
+    MFU        = step FLOPs / step seconds / peak FLOP/s of one device
+
+- N (:func:`matmul_params`) = all parameters minus the input embedding (a lookup, no FLOPs), plus
+  the LM head when it is tied to the embedding (the head still multiplies).
+- Tokens are the non-padding tokens the model actually runs (isdpo.logprobs.batch_token_counts):
+  padding is not useful work, and a prompt shared by chosen and rejected (packed batches) counts
+  once, because it runs once. Reference tokens count only when the reference runs online (no
+  ``chosen_ref_logp`` in the batch).
+- Left out, as in the 6N rule: attention's quadratic term (12 * layers * d_model * context per
+  token for forward+backward; a few % at 135M parameters and 600-token rows, more for longer rows)
+  and the LM head work that the response-only head skips. So MFU is a slight under-estimate of
+  the hardware's work, and "tokens/s" (prompt + response tokens of every row without padding, the
+  same count for every way of batching the same pairs) is the number to compare across settings.
+
+Peak FLOP/s come from :data:`PEAK_TFLOPS` (dense, no sparsity, vendor data sheets) by device name
+and precision; on CPU or an unknown GPU the callback logs throughput only, no MFU (pass
+``peak_flops`` explicitly to get one).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from isdpo.logprobs import batch_token_counts
+
+#: Dense peak TFLOP/s of one device by math type (vendor data sheets, without 2:4 sparsity).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 SXM": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "fp16": 362.1, "tf32": 183.2, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+}
+
+
+def device_key(name: str) -> str | None:
+    """Key of :data:`PEAK_TFLOPS` for a CUDA device name (``torch.cuda.get_device_name()``), or None."""
+    n = name.upper()
+    for chip in ("H200", "H100"):
+        if chip in n:
+            if "NVL" in n:
+                return f"{chip} NVL"
+            if "PCIE" in n and chip == "H100":
+                return "H100 PCIe"
+            return "H200" if chip == "H200" else "H100 SXM"  # "NVIDIA H100 80GB HBM3" is the SXM part
+    if "A100" in n:
+        return "A100"
+    if "L40S" in n:
+        return "L40S"
+    if n.endswith(" L4") or n == "L4":
+        return "L4"
+    return None
+
+
+def math_type(precision: str | int | None, tf32: bool | None = None) -> str:
+    """``bf16``/``fp16``/``tf32``/``fp32`` from a Lightning precision ("bf16-mixed", "32-true", ...)."""
+    p = str(precision or "32")
+    if p.startswith("bf16"):
+        return "bf16"
+    if p.startswith("16"):
+        return "fp16"
+    if tf32 is None:
+        tf32 = torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "fp32"
+
+
+def peak_flops(device_name: str, precision: str | int | None = "bf16-mixed", tf32: bool | None = None) -> float | None:
+    """Dense peak FLOP/s of one device of that name at that precision, or None when not in the table."""
+    key = device_key(device_name)
+    return None if key is None else PEAK_TFLOPS[key][math_type(precision, tf32)] * 1e12
+
+
+def matmul_params(model) -> int:
+    """N of the 6N rule: parameters minus the input embedding, plus the LM head if it is tied to it."""
+    total = sum(p.numel() for p in model.parameters())
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if get_in else None
+    head = get_out() if get_out else None
+    if emb is None:
+        return total
+    n = total - emb.weight.numel()
+    if head is not None and head.weight is emb.weight:
+        n += head.weight.numel()
+    return n
+
+
+def step_flops(n_policy: int, policy_tokens: int, n_ref: int = 0, ref_tokens: int = 0) -> float:
+    """6 N per trained token (forward + backward) + 2 N per reference token (forward)."""
+    return 6.0 * n_policy * policy_tokens + 2.0 * n_ref * ref_tokens
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs ``perf/tokens_per_s``, ``perf/pairs_per_s`` (preference batches) and ``perf/mfu`` (when a peak is known).
+
+    peak_flops: FLOP/s of ONE device; ``"auto"`` looks the device up in :data:`PEAK_TFLOPS` with the
+        trainer's precision (None on CPU or an unknown GPU: no MFU); a number forces it; None: no MFU.
+    log_every_n_steps: optimizer steps per logged window. Times are wall clock between the ends of
+        training batches (data loading included); the first batch of a fit (set-up, warm-up) is
+        left out. On GPU the window is closed after ``torch.cuda.synchronize()``.
+
+    Throughput is per process times the world size (every rank is assumed to see the same amount);
+    MFU is per device. Values are sent to ``trainer.loggers`` at ``trainer.global_step`` from global
+    rank zero and kept in ``history``.
+    """
+
+    def __init__(self, peak_flops: float | str | None = "auto", log_every_n_steps: int = 10):
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1 (got {log_every_n_steps})")
+        self.peak = peak_flops
+        self.every = log_every_n_steps
+        self.history: list[dict[str, float]] = []
+        self._reset(None)
+
+    def _reset(self, start: float | None) -> None:
+        self.t0, self.steps, self.tokens, self.pairs, self.flops = start, 0, 0, 0, 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        policy = getattr(pl_module, "policy", pl_module)
+        reference = getattr(pl_module, "reference", None)
+        self.n_policy = matmul_params(policy)
+        self.n_ref = matmul_params(reference) if reference is not None else 0
+        if self.peak == "auto":
+            dev = trainer.strategy.root_device
+            self.peak_value = (peak_flops(torch.cuda.get_device_name(dev), trainer.precision)
+                               if dev.type == "cuda" else None)
+        else:
+            self.peak_value = None if self.peak is None else float(self.peak)
+        self._last_step = trainer.global_step
+        self._reset(None)
+
+    @staticmethod
+    def _sync(trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+        if self.t0 is None:  # first batch of the fit: start the clock at its end
+            self._sync(trainer)
+            self._reset(time.perf_counter())
+            self._last_step = trainer.global_step
+            return
+        if isinstance(batch, dict) and "input_ids" in batch:
+            seq_tokens, computed = batch_token_counts(batch)
+            online_ref = self.n_ref and "chosen_ref_logp" not in batch
+            self.tokens += seq_tokens
+            self.flops += step_flops(self.n_policy, computed, self.n_ref if online_ref else 0,
+                                     computed if online_ref else 0)
+            if hasattr(pl_module, "loss_fn"):  # a preference batch: chosen and rejected rows of B pairs
+                rows = batch["pack_n_tokens"].shape[0] if "pack_n_tokens" in batch else batch["input_ids"].shape[0]
+                self.pairs += rows // 2
+        if trainer.global_step != self._last_step:  # an optimizer step happened
+            self._last_step = trainer.global_step
+            self.steps += 1
+            if self.steps >= self.every:
+                self._emit(trainer)
+
+    def _emit(self, trainer) -> None:
+        self._sync(trainer)
+        now = time.perf_counter()
+        dt = max(now - self.t0, 1e-9)
+        world = trainer.world_size
+        row = {"perf/tokens_per_s": self.tokens * world / dt, "perf/step_s": dt / self.steps}
+        if self.pairs:
+            row["perf/pairs_per_s"] = self.pairs * world / dt
+        if self.peak_value:
+            row["perf/mfu"] = self.flops / dt / self.peak_value
+            row["perf/tflops_per_device"] = self.flops / dt / 1e12
+        self._reset(now)
+        if trainer.is_global_zero:
+            self.history.append({"step": trainer.global_step, **row})
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=trainer.global_step)

@@ -1,0 +1,309 @@
+"""isdpo.report on a hand-written fake sweep: table numbers, listing of failed runs, figures, CLI, W&B fallback."""
+import json
+import os
+import shutil
+import sys
+import time
+import types
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from isdpo import report, report_plots
+
+LOSSES, BETAS, SEEDS = ("dpo", "isdpo"), (0.01, 0.1), (0, 1)
+STEPS = (0, 10, 20, 30, 40)
+
+
+def metrics_rows(loss, beta, seed, steps=STEPS):
+    """Deterministic, distinct curves per run: dpo rises then falls, isdpo keeps rising."""
+    rng = np.random.default_rng(zlib.crc32(f"{loss}-{beta}-{seed}".encode()))
+    rows = []
+    for i, step in enumerate(steps):
+        rise = 0.08 * i if loss == "isdpo" else 0.15 * i - 0.05 * i * i
+        kl = (0.3 if loss == "isdpo" else 1.5) * i / (1 + 10 * beta) + rng.uniform(0, 0.2) * (i > 0)
+        rows.append({"step": step, "epoch": 0, "win_rate": round(0.5 + rise + rng.uniform(-0.03, 0.03), 4),
+                     "kl": round(kl, 4), "kl_k1": round(kl * 1.1, 4), "golden_reward": 1.0 + i,
+                     "reference_golden_reward": 1.0, "policy_logp": -10.0 + i, "response_length": 10.0,
+                     "n_samples": 100})
+    return rows
+
+
+def write_hydra(folder, loss, beta, seed, task="synthetic"):
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    (folder / ".hydra" / "config.yaml").write_text(
+        f"task:\n  name: {task}\nloss:\n  name: {loss}\n  base: dpo\nexperiment: fake\nbeta: {beta}\n"
+        f"seed: {seed}\nrun_name: ${{loss.name}}-b${{beta}}-s${{seed}}\n")
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- beta={beta}\n- seed={seed}\n")
+
+
+def write_run(folder, loss, beta, seed, *, result=True, judge=None, status="completed"):
+    write_hydra(folder, loss, beta, seed)
+    rows = metrics_rows(loss, beta, seed)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if result:
+        res = {"status": status, "task": "synthetic", "loss": loss, "beta": beta, "seed": seed,
+               "run_name": f"{loss}-b{beta}-s{seed}", "experiment": "fake", "final": rows[-1],
+               "peak": max(rows, key=lambda r: r["win_rate"]), "n_eval_points": len(rows), "train_seconds": 1.0,
+               "reference_dir": "/nowhere", "output_dir": str(folder)}
+        if judge is not None:
+            res["judge"] = {"win_rate": judge, "n": 256}
+        (folder / "result.json").write_text(json.dumps(res, indent=2))
+    return rows
+
+
+def job(root, loss, beta, seed):
+    return root / f"beta={beta},loss={loss},seed={seed}"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """2 losses x 2 betas x 2 seeds completed, one incomplete run (metrics, no result.json), one crashed (.hydra).
+
+    Module-scoped, and read-only for the tests: building it and drawing its figures once keeps the file fast.
+    """
+    root = tmp_path_factory.mktemp("sweep") / "multirun" / "fake"
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    for loss in LOSSES:
+        for beta in BETAS:
+            for seed in SEEDS:
+                # A judge win rate on the dpo runs only: the column must appear, with "–" for isdpo.
+                write_run(job(root, loss, beta, seed), loss, beta, seed,
+                          judge=0.4 + 0.1 * seed + beta if loss == "dpo" else None)
+    write_run(job(root, "dpo", 0.1, 2), "dpo", 0.1, 2, result=False)  # incomplete
+    write_hydra(job(root, "isdpo", 0.01, 2), "isdpo", 0.01, 2)  # crashed before the first evaluation
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(sweep, tmp_path_factory):
+    """The full report of ``sweep`` (figures included), built once: its output folder."""
+    out = tmp_path_factory.mktemp("report")
+    report.build_report(sweep, out, log=lambda msg: None)
+    return out
+
+
+def expected_stats(root, loss, beta, get):
+    """Mean and sample std (ddof 1), computed here from the result.json files with numpy."""
+    values = [get(json.loads((job(root, loss, beta, s) / "result.json").read_text())) for s in SEEDS]
+    return float(np.mean(values)), float(np.std(values, ddof=1))
+
+
+QUANTITIES = {
+    "final_win_rate": lambda r: r["final"]["win_rate"],
+    "peak_win_rate": lambda r: r["peak"]["win_rate"],
+    "peak_step": lambda r: r["peak"]["step"],
+    "final_kl": lambda r: r["final"]["kl"],
+    "drop": lambda r: r["peak"]["win_rate"] - r["final"]["win_rate"],
+}
+
+
+def test_discovery_and_classification(sweep):
+    runs = {r.name: r for r in report.load_sweep(sweep)}
+    assert len(runs) == 10  # 8 completed + incomplete + crashed; multirun.yaml and .hydra are not runs
+    assert sum(r.ok for r in runs.values()) == 8
+    incomplete = runs["beta=0.1,loss=dpo,seed=2"]
+    assert (incomplete.status, incomplete.loss, incomplete.beta, incomplete.seed) == ("incomplete", "dpo", 0.1, 2)
+    assert "no result.json" in incomplete.reason and "5 eval points" in incomplete.reason
+    crashed = runs["beta=0.01,loss=isdpo,seed=2"]
+    # Identity from .hydra/config.yaml alone.
+    assert (crashed.status, crashed.task, crashed.loss, crashed.beta, crashed.seed) == \
+        ("failed", "synthetic", "isdpo", 0.01, 2)
+    assert "no metrics.jsonl" in crashed.reason
+
+
+def test_table_numbers_equal_result_files(sweep, built):
+    out = built
+    md = (out / "report.md").read_text()
+    rows = {(r["loss"], r["beta"]): r for r in report.summarise(report.load_sweep(sweep))}
+    assert set(rows) == {(loss, beta) for loss in LOSSES for beta in BETAS}
+    import csv
+
+    with open(out / "summary.csv") as f:
+        csv_rows = {(r["loss"], float(r["beta"])): r for r in csv.DictReader(f)}
+    for loss in LOSSES:
+        for beta in BETAS:
+            row = rows[(loss, beta)]
+            assert row["n_seeds"] == 2 and row["seeds"] == "0 1"  # the incomplete seed 2 is not counted
+            assert int(csv_rows[(loss, beta)]["n_seeds"]) == 2
+            for col, get in QUANTITIES.items():
+                mean, std = expected_stats(sweep, loss, beta, get)
+                assert row[f"{col}_mean"] == pytest.approx(mean, abs=1e-12)
+                assert row[f"{col}_std"] == pytest.approx(std, abs=1e-12)
+                assert float(csv_rows[(loss, beta)][f"{col}_mean"]) == pytest.approx(mean, abs=1e-12)
+                assert float(csv_rows[(loss, beta)][f"{col}_std"]) == pytest.approx(std, abs=1e-12)
+            mean, std = expected_stats(sweep, loss, beta, QUANTITIES["final_win_rate"])
+            assert f"{mean:.3f} ± {std:.3f}" in md
+            mean, std = expected_stats(sweep, loss, beta, QUANTITIES["final_kl"])
+            assert f"{mean:.3g} ± {std:.3g}" in md
+            if loss == "dpo":
+                mean, std = expected_stats(sweep, loss, beta, lambda r: r["judge"]["win_rate"])
+                assert row["judge_win_rate_mean"] == pytest.approx(mean)
+                assert f"{mean:.3f} ± {std:.3f}" in md
+            else:
+                assert row["judge_win_rate_n"] == 0
+    assert "| judge win rate |" in md
+    # One Markdown row per loss x beta.
+    assert sum(line.startswith("| `") for line in md.split("## Incomplete")[0].splitlines()) == 4
+
+
+def test_report_lists_incomplete_and_failed_runs(built):
+    md = (built / "report.md").read_text()
+    failed = md.split("## Incomplete and failed runs")[1]
+    assert "`beta=0.1,loss=dpo,seed=2`" in failed and "incomplete" in failed and "no result.json" in failed
+    assert "`beta=0.01,loss=isdpo,seed=2`" in failed and "failed" in failed
+    assert "8 completed, 1 incomplete, 1 failed" in md
+    runs_csv = (built / "runs.csv").read_text()
+    assert "beta=0.1,loss=dpo,seed=2" in runs_csv and "beta=0.01,loss=isdpo,seed=2" in runs_csv
+
+
+def test_other_failures_are_listed_with_their_reason(tmp_path):
+    root = tmp_path / "sweep"
+    write_run(job(root, "dpo", 0.1, 0), "dpo", 0.1, 0)
+    write_run(job(root, "dpo", 0.1, 1), "dpo", 0.1, 1, status="failed")
+    write_run(job(root, "dpo", 0.1, 2), "dpo", 0.1, 2)
+    (job(root, "dpo", 0.1, 2) / "metrics.jsonl").write_text("")  # result.json but empty metrics
+    write_run(job(root, "dpo", 0.1, 3), "dpo", 0.1, 3)
+    (job(root, "dpo", 0.1, 3) / "result.json").write_text("{not json")
+    # A run still being written: a half-written last line is skipped, not fatal.
+    folder = job(root, "isdpo", 0.1, 0)
+    write_run(folder, "isdpo", 0.1, 0, result=False)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"step": 50, "win_')
+    # A rerun of seed 0 elsewhere in the tree, written later: it replaces the older one.
+    rerun = root / "rerun" / "again"
+    write_run(rerun, "dpo", 0.1, 0)
+    old = time.time() - 100
+    os.utime(job(root, "dpo", 0.1, 0) / "result.json", (old, old))
+
+    runs = {r.name: r for r in report.load_sweep(root)}
+    assert runs["beta=0.1,loss=dpo,seed=1"].status == "failed"
+    assert runs["beta=0.1,loss=dpo,seed=1"].reason.startswith("status = 'failed'")
+    assert runs["beta=0.1,loss=dpo,seed=2"].reason.startswith("empty metrics")
+    assert "unreadable" in runs["beta=0.1,loss=dpo,seed=3"].reason
+    assert runs["beta=0.1,loss=isdpo,seed=0"].status == "incomplete"
+    assert len(runs["beta=0.1,loss=isdpo,seed=0"].metrics) == len(STEPS)
+    assert runs["beta=0.1,loss=dpo,seed=0"].status == "duplicate"
+    assert runs["rerun/again"].ok
+    md = report.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
+    for name in ("beta=0.1,loss=dpo,seed=1", "beta=0.1,loss=dpo,seed=2", "beta=0.1,loss=dpo,seed=3",
+                 "beta=0.1,loss=isdpo,seed=0", "beta=0.1,loss=dpo,seed=0"):
+        assert f"`{name}`" in md.split("## Incomplete and failed runs")[1]
+    assert "1 malformed line(s)" in md
+
+
+@pytest.mark.parametrize("show_seeds", [True, False])
+def test_figures_panels_lines_and_colours(sweep, show_seeds):
+    runs = [r for r in report.load_sweep(sweep) if r.ok]
+    colours = report_plots.loss_colours(LOSSES)
+    per_loss_lines = 1 + (len(SEEDS) if show_seeds else 0)  # the seed mean, plus one thin line per seed
+    expected = {report_plots.plot_overoptimization: len(LOSSES) * per_loss_lines + 1,  # + the 0.5 line
+                report_plots.plot_win_rate_vs_step: len(LOSSES) * per_loss_lines + 1,
+                report_plots.plot_kl_vs_step: len(LOSSES) * per_loss_lines}
+    for plot, n_lines in expected.items():
+        fig = plot(runs, colours, task="synthetic", show_seeds=show_seeds)
+        assert len(fig.axes) == len(BETAS)
+        titles = [ax.get_title() for ax in fig.axes]
+        assert [t.split("  ")[0] for t in titles] == [f"β = {b:g}" for b in BETAS]
+        for ax in fig.axes:
+            assert len(ax.lines) == n_lines
+            assert ax.get_xlabel() and ax.get_ylabel()
+            means = {line.get_label(): line for line in ax.lines if line.get_label() in LOSSES}
+            assert set(means) == set(LOSSES)
+            for loss, line in means.items():
+                assert line.get_color() == colours[loss]
+                assert len(line.get_xdata()) == len(STEPS)
+        legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert [t for t in legend_texts if t.split(" ")[0] in LOSSES] == [f"{l} (mean over seeds)" for l in LOSSES]
+        assert fig._suptitle.get_text()
+        report_plots.plt.close(fig)
+
+
+def test_seed_mean_is_the_mean_at_each_step(sweep):
+    runs = [r for r in report.load_sweep(sweep) if r.ok and r.loss == "dpo" and r.beta == 0.01]
+    fig = report_plots.plot_win_rate_vs_step(runs, report_plots.loss_colours(["dpo"]), show_seeds=True)
+    mean_line = next(line for line in fig.axes[0].lines if line.get_label() == "dpo")
+    per_seed = np.array([[r["win_rate"] for r in metrics_rows("dpo", 0.01, s)] for s in SEEDS])
+    assert np.allclose(mean_line.get_ydata(), per_seed.mean(axis=0))
+    assert list(mean_line.get_xdata()) == list(STEPS)
+    report_plots.plt.close(fig)
+
+
+def test_colours_are_consistent_and_distinct():
+    colours = report_plots.loss_colours(["isdpo", "dpo", "zeta", "alpha"])
+    assert colours["dpo"] == report_plots.KNOWN_LOSS_COLOURS["dpo"]
+    assert colours == report_plots.loss_colours(["alpha", "zeta", "dpo", "isdpo"])
+    assert len(set(colours.values())) == 4
+    assert report_plots.loss_order(["zeta", "isdpo", "alpha", "dpo"]) == ["dpo", "isdpo", "alpha", "zeta"]
+
+
+def test_pngs_embedded_and_sized(built):
+    out = built
+    md = (out / "report.md").read_text()
+    width = round(len(BETAS) * report_plots.PANEL_WIDTH_IN * report_plots.DPI)
+    height = round(report_plots.FIG_HEIGHT_IN * report_plots.DPI)
+    for stem in ("overopt", "win_rate_vs_step", "kl_vs_step"):
+        png = out / f"{stem}_synthetic.png"
+        assert f"]({png.name})" in md
+        with Image.open(png) as im:
+            assert im.format == "PNG"
+            assert im.size == (width, height)
+
+
+def test_cli_default_out_inside_sweep_is_not_a_run(sweep, tmp_path, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(sweep, root)
+    assert report.main([str(root), "--no-figures"]) == 0
+    assert f"wrote {root / 'report' / 'report.md'}" in capsys.readouterr().out
+    assert report.main([str(root), "--no-figures"]) == 0  # again: the report folder is not discovered as a run
+    assert "10 found" in (root / "report" / "report.md").read_text()
+    assert len(report.discover(root)) == 10
+
+
+def test_empty_directory_is_an_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "no runs" in capsys.readouterr().err
+
+
+def fake_wandb(monkeypatch, api):
+    module = types.ModuleType("wandb")
+    module.Api = api
+    monkeypatch.setitem(sys.modules, "wandb", module)
+
+
+def test_wandb_failure_is_reported_not_fatal(sweep, tmp_path, monkeypatch, capsys):
+    def api(timeout=None):
+        raise RuntimeError("No API key configured")
+
+    fake_wandb(monkeypatch, api)
+    assert report.main([str(sweep), "--out", str(tmp_path / "rep"), "--wandb-project", "me/proj",
+                        "--no-figures"]) == 0
+    assert "could not fetch" in capsys.readouterr().out.lower()
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "Could not fetch runs from W&B: RuntimeError: No API key configured" in md
+    assert "## Incomplete and failed runs" in md  # the local report is still complete
+
+
+def test_wandb_hang_times_out(monkeypatch):
+    def api(timeout=None):
+        time.sleep(5)
+
+    fake_wandb(monkeypatch, api)
+    rows, error = report.fetch_wandb("me/proj", timeout_s=0.2)
+    assert rows == [] and "no answer" in error
+
+
+def test_wandb_summaries(monkeypatch):
+    run = types.SimpleNamespace(name="dpo-b0.1-s0", state="finished", job_type="align", group="fake",
+                                config={"loss": {"name": "dpo"}, "task": {"name": "synthetic"}, "beta": 0.1,
+                                        "seed": 0},
+                                summary_metrics={"eval/win_rate": 0.75, "eval/kl": 1.5}, url="https://x")
+    fake_wandb(monkeypatch, lambda timeout=None: types.SimpleNamespace(runs=lambda project: [run]))
+    rows, error = report.fetch_wandb("me/proj")
+    assert error is None
+    assert rows[0]["loss"] == "dpo" and rows[0]["win_rate"] == 0.75 and rows[0]["task"] == "synthetic"
+    md = report.wandb_markdown("me/proj", rows, error)
+    assert "| dpo-b0.1-s0 | finished | align | synthetic | dpo | 0.1 | 0 | 0.750 | 1.5 |" in md
