@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from isdpo.losses import build_loss
 from isdpo.trainer import accumulation
 
-STAGES = ("sft", "reward", "relabel", "align", "evaluate", "pipeline")
+STAGES = ("sft", "reward", "relabel", "align", "evaluate", "judge", "pipeline")
 TASKS = ("synthetic", "tldr", "hh")
 LOGGERS = ("wandb", "csv", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
@@ -43,6 +43,11 @@ def validate(cfg) -> None:
             validate_text_task(cfg.task, cfg.model)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    backend = cfg.judge.backend
+    _require(backend in ("none", "openai", "hf"), f"judge.backend={backend!r} is not known; allowed: none, openai, hf")
+    _require(backend == "none" or cfg.task.name != "synthetic" or cfg.stage not in ("judge", "pipeline"),
+             "judge.backend needs a text task (task=tldr|hh): the synthetic task has no text to judge")
+    _require(cfg.stage != "judge" or backend != "none", "stage=judge needs judge=openai or judge=hf (judge.backend is none)")
     _require(_number(cfg, "beta") > 0, f"beta must be > 0 (got {cfg.beta})")
     try:
         build_loss(cfg.loss.base, cfg.beta, OmegaConf.to_container(cfg.loss.params, resolve=True),

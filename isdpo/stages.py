@@ -25,7 +25,7 @@ from isdpo.models import freeze, load_causal_lm
 from isdpo.module import PreferenceModule, SFTModule
 from isdpo.trainer import accumulation, build_logger, build_trainer
 
-STAGES = ("sft", "reward", "relabel", "align", "evaluate", "pipeline")
+STAGES = ("sft", "reward", "relabel", "align", "evaluate", "judge", "pipeline")
 TEXT_TASKS = ("tldr", "hh")
 
 
@@ -197,6 +197,10 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
         return run_align(cfg, fast_dev_run=fast_dev_run)
     if stage == "evaluate":
         return run_evaluate(cfg)
+    if stage == "judge":
+        from isdpo.judge_stage import run_judge_stage
+
+        return run_judge_stage(cfg)
     if stage == "pipeline":
         ref = run_sft(cfg, fast_dev_run=fast_dev_run)
         if cfg.task.name in TEXT_TASKS:  # the golden RM labels the pairs and judges the evaluations
@@ -209,5 +213,9 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
         result = run_align(cfg, ref_dir=ref, fast_dev_run=fast_dev_run)
         if result:  # empty on data-parallel ranks other than zero
             run_evaluate(cfg, ref_dir=ref)
+            if cfg.judge.backend != "none":
+                from isdpo.judge_stage import run_judge_stage
+
+                result["judge"] = run_judge_stage(cfg)
         return result
     raise ValueError(f"stage={stage!r} is not known; allowed: {', '.join(STAGES)}")

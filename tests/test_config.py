@@ -21,6 +21,8 @@ def group_options(group: str) -> list[str]:
 def test_every_config_composes_and_validates(group, option, tmp_path):
     # text tasks need a pretrained model with a tokenizer (the tiny default has none): pair them with the paper's
     extra = ["model=llama32_3b"] if group == "task" and option in ("tldr", "hh") else []
+    if group == "judge" and option != "none":  # judges read text: a text task
+        extra = ["task=hh", "model=llama32_3b"]
     cfg = compose_cfg([f"{group}={option}", *extra], tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     local = cfg.model.pretrained and str(cfg.model.pretrained).startswith(("/", ".", "~"))
@@ -52,7 +54,7 @@ BAD = [
     (["beta=-0.1"], r"beta must be > 0"),
     (["beta=0"], r"beta must be > 0"),
     (["loss.importance_sampling.log_clip=-1"], r"loss.importance_sampling.log_clip must be >= 0"),
-    (["stage=nope"], r"stage='nope' is not known; allowed: sft, reward, relabel, align, evaluate, pipeline"),
+    (["stage=nope"], r"stage='nope' is not known; allowed: sft, reward, relabel, align, evaluate, judge, pipeline"),
     (["task.eval.top_p=1.5"], r"task.eval.top_p must be in \(0, 1\]"),
     (["task.train.global_batch_size=50"], r"global_batch_size=50 is not a multiple of hardware.per_device_batch_size"),
     (["model.pretrained=/nonexistent/model"], r"model.pretrained='/nonexistent/model': no such file"),
