@@ -169,6 +169,9 @@ def run_evaluate(cfg, ref_dir: Path | None = None) -> dict:
     policy_dir = out / "policy"
     policy = load_causal_lm(cfg.model, vocab_size=rt.vocab_size,
                             path=str(policy_dir if policy_dir.exists() else ref_dir / "model"))
+    if cfg.hardware.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        # Lightning places the models during training; a standalone evaluation must do it itself.
+        policy, reference = policy.cuda(), reference.cuda()
     res = rt.evaluator(reference, cfg.task.eval)(policy)
     prompts, responses, scores = res.pop("samples")
     with (out / "samples.jsonl").open("w") as fh:

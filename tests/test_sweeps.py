@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
 
 from isdpo.config import TASKS, validate
-from tests.hydra_utils import CONF, ROOT, compose_cfg
+from tests.hydra_utils import CONF, ROOT
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 README = (ROOT / "sweeps" / "README.md").read_text()
@@ -64,20 +65,26 @@ def test_sweep_composes_with_its_grid(name):
 @pytest.mark.parametrize("name", SWEEPS)
 def test_every_grid_value_composes_into_a_valid_job(name, tmp_path):
     """One job per grid value (each value with the others at the file's defaults), composed as the job
-    itself composes (+sweep=NAME plus its overrides); validated where the task is implemented."""
-    for key, values in grid(name).items():
-        for value in values:
-            override = f"{key}={value}"
-            job = hydra_cfg([f"+sweep={name}", override])
-            # its folder: multirun/<name>/<key=value> (the sweep itself is excluded from the name)
-            assert job.hydra.job.override_dirname == override
-            parsed = OmegaConf.create({"v": None if value == "null" else value}).v
-            got = job[key].name if key in job.hydra.runtime.choices else OmegaConf.select(job, key)
-            assert str(got) == str(parsed), (key, value, got)
-            cfg = compose_cfg([f"+sweep={name}", override], tmp_path)
-            OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-            if cfg.task.name in TASKS:
-                validate(cfg)
+    itself composes (+sweep=NAME plus its overrides); every interpolation resolves; validated where the
+    task is implemented."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for key, values in grid(name).items():
+            for value in values:
+                override = f"{key}={value}"
+                job = compose("config", overrides=[f"+sweep={name}", override], return_hydra_config=True)
+                # its folder: multirun/<name>/<key=value> (the sweep itself is excluded from the name)
+                assert job.hydra.job.override_dirname == override
+                parsed = OmegaConf.create({"v": None if value == "null" else value}).v
+                got = job[key].name if key in job.hydra.runtime.choices else OmegaConf.select(job, key)
+                assert str(got) == str(parsed), (key, value, got)
+                with open_dict(job):  # as launch.py's job sees it (tests/hydra_utils.py: compose_cfg)
+                    job.hydra.runtime.output_dir = str(tmp_path / "run")
+                    job.hydra.runtime.cwd = str(ROOT)
+                HydraConfig.instance().set_config(job)
+                cfg = OmegaConf.masked_copy(job, [k for k in job if k != "hydra"])
+                OmegaConf.to_container(cfg, resolve=True)
+                if cfg.task.name in TASKS:
+                    validate(cfg)
 
 
 @pytest.mark.parametrize("name", SWEEPS)
