@@ -20,11 +20,12 @@ What runs. One process runs every configuration in turn, interleaved (rep 1: A B
   bench checks that TRL's token ids equal isdpo's), the same batch size, the same batch order
   (a fixed pre-shuffled order on both sides: TRL's sampler is replaced by a sequential one).
 
-Equal settings on both sides: fp32 weights and compute, no gradient checkpointing, AdamW lr 1e-6,
-gradient clipping at 1.0, no dropout, beta 0.1, same threads. TRL's shipped defaults differ in
-three ways: bf16 autocast, gradient checkpointing on (both off here, as isdpo's CPU hardware
-config has them) and a fused AdamW (kept: that one is TRL's own choice; "isdpo/equal" uses
-isdpo's plain AdamW, "isdpo/fast" a fused one). ``--extras`` adds TRL exactly as shipped.
+Equal settings on both sides: fp32 weights and compute, no gradient checkpointing, fused AdamW
+(TRL's default optimizer; isdpo's build_optimizer makes a plain AdamW today, so BenchModule swaps
+in the fused one; "-plainadam" ablations run both sides with the plain one), lr 1e-6, constant
+schedule, gradient clipping at 1.0, no dropout, beta 0.1, the same threads. TRL's shipped
+defaults also turn on bf16 autocast and gradient checkpointing; both are off here (as in isdpo's
+CPU hardware config): ``--extras`` adds TRL exactly as shipped.
 
 Configurations (ref = reference log-probs):
   trl/online        TRL defaults: online reference, right-padded batches in random order
@@ -32,19 +33,24 @@ Configurations (ref = reference log-probs):
   trl/precomputed   TRL with precompute_ref_log_probs=True
   isdpo/precomputed isdpo with reference log-probs from isdpo.ref_cache (same padded batches)
   isdpo/fast        the whole fast path: precomputed ref + length-grouped batches + packed rows with
-                    the prompt shared by chosen and rejected + fused AdamW
+                    the prompt shared by chosen and rejected
   isdpo/fast-online the same with an online reference
-  (--ablations: each switch alone on top of isdpo/online, and the slow variants: separate
-   chosen/rejected forwards, full-vocabulary logits)
+  (--ablations: each switch alone on top of isdpo/online, the slow variants (separate
+   chosen/rejected forwards, full-vocabulary logits), gradient checkpointing, plain AdamW;
+   --compile: torch.compile of the decoder)
 
-Measured: wall time from the end of the last warm-up step to the end of the last step (data
-loading, forward, backward, clipping, optimizer, logging: all of it); pairs/s; tokens/s counted as
-prompt+response tokens of both rows of every pair without padding (the same count for every
-configuration, whatever it pads or shares); peak memory = peak RSS of the process during the
-configuration's run (models, optimizer state, activations, data) minus its RSS just before (after
-gc + malloc_trim), sampled every 5 ms by a thread (on GPU: torch.cuda.max_memory_allocated).
-Reference precompute time is reported apart (it is paid once per data set and reference, and
-isdpo caches it on disk across runs).
+Measured: the steps after the warm-up steps, from the end of the last warm-up step to the end of
+the last step (data loading, forward, backward, clipping, optimizer, logging: all of it), both by
+wall clock and by the CPU time of the main thread. With --threads 1 (default) every op runs on the
+main thread, so CPU time is the work done and barely moves when other processes share the cores;
+wall time does (x2 swings were seen on the shared 2-core machine), so the CPU-time ratios are the
+robust ones there (on a quiet machine both agree). pairs/s; tokens/s counted as prompt+response
+tokens of both rows of every pair without padding (the same count for every configuration,
+whatever it pads or shares); peak memory = peak RSS of the process during the configuration's run
+(models, optimizer state, activations, data) minus its RSS just before (after gc + malloc_trim),
+sampled every 5 ms by a thread (on GPU: torch.cuda.max_memory_allocated). One untimed pre-warm
+run of each side comes first (lazy initialisation, first allocations). Reference precompute time is
+reported apart (it is paid once per data set and reference; isdpo caches it on disk across runs).
 
 Data: a TL;DR-like spread of lengths: prompts uniform in [100, 500] tokens, each response uniform
 in [20, 100], times a scale. These CPUs are slow, so the defaults scale down and keep the spread:
@@ -109,7 +115,7 @@ class RunSpec:
     share_prompt: bool = True      # isdpo packing: one segment per pair (True) or per row (False)
     response_only: bool = True     # isdpo: LM head at response positions only
     concatenated: bool = True      # isdpo: one forward for chosen+rejected (False: two)
-    fused_adam: bool = False       # isdpo: torch.optim.AdamW(fused=True)
+    fused_adam: bool = True        # isdpo: torch.optim.AdamW(fused=True), as TRL's default optimizer
     compile: bool = False          # isdpo: torch.compile the decoder
     grad_ckpt: bool = False        # both: gradient checkpointing
     trl_optim: str = "adamw_torch_fused"  # trl: TRL's default optimizer
@@ -121,12 +127,12 @@ MAIN = [
     RunSpec("isdpo/online", "isdpo"),
     RunSpec("trl/precomputed", "trl", ref="precomputed"),
     RunSpec("isdpo/precomputed", "isdpo", ref="precomputed"),
-    RunSpec("isdpo/fast", "isdpo", ref="precomputed", grouped=True, packing=True, fused_adam=True),
-    RunSpec("isdpo/fast-online", "isdpo", grouped=True, packing=True, fused_adam=True),
+    RunSpec("isdpo/fast", "isdpo", ref="precomputed", grouped=True, packing=True),
+    RunSpec("isdpo/fast-online", "isdpo", grouped=True, packing=True),
 ]
 ABLATIONS = [
-    RunSpec("trl/online-adamw", "trl", trl_optim="adamw_torch"),
-    RunSpec("isdpo/online+fused", "isdpo", fused_adam=True),
+    RunSpec("trl/online-plainadam", "trl", trl_optim="adamw_torch"),
+    RunSpec("isdpo/online-plainadam", "isdpo", fused_adam=False),
     RunSpec("isdpo/online+grouped", "isdpo", grouped=True),
     RunSpec("isdpo/online+packed", "isdpo", packing=True),
     RunSpec("isdpo/online+packed-noshare", "isdpo", packing=True, share_prompt=False),
@@ -136,8 +142,7 @@ ABLATIONS = [
     RunSpec("trl/online+gradckpt", "trl", grad_ckpt=True),
 ]
 COMPILE = [RunSpec("isdpo/online+compile", "isdpo", compile=True),
-           RunSpec("isdpo/fast+compile", "isdpo", ref="precomputed", grouped=True, packing=True, fused_adam=True,
-                   compile=True)]
+           RunSpec("isdpo/fast+compile", "isdpo", ref="precomputed", grouped=True, packing=True, compile=True)]
 EXTRAS = [RunSpec("trl/shipped-defaults", "trl", grad_ckpt=True, trl_bf16=True)]
 
 
@@ -348,15 +353,23 @@ class Bench:
 # ------------------------------------------------------------------------------------------------
 
 
-def _timed(marks: list[float], bench: Bench) -> dict:
+def _timed(marks: list[tuple[float, float]], bench: Bench) -> dict:
+    """Throughput over the steps after the warm-up, by wall clock and by the main thread's CPU time.
+
+    With one intra-op thread every op, the backward included (CPU autograd runs on the calling
+    thread), and data loading (num_workers=0) run on the main thread, so its CPU time is the work
+    of the step; unlike wall time it does not grow when other processes take the cores.
+    """
     w, B = bench.spec.warmup, bench.spec.batch
     marks = marks[w - 1:] if w > 0 else marks
     steps = len(marks) - 1
-    dt = [b - a for a, b in zip(marks, marks[1:])]
-    total = marks[-1] - marks[0]
+    dt = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+    wall = marks[-1][0] - marks[0][0]
+    cpu = marks[-1][1] - marks[0][1]
     pairs = steps * B
     tokens = sum(bench.seq_tokens[w * B: (w + steps) * B])
-    return {"steps_timed": steps, "seconds": total, "pairs_per_s": pairs / total, "tokens_per_s": tokens / total,
+    return {"steps_timed": steps, "seconds": wall, "cpu_seconds": cpu, "pairs_per_s": pairs / wall,
+            "tokens_per_s": tokens / wall, "cpu_pairs_per_s": pairs / cpu, "cpu_tokens_per_s": tokens / cpu,
             "step_s_median": statistics.median(dt), "step_s": [round(x, 4) for x in dt]}
 
 
@@ -399,7 +412,7 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
             self.marks = []
 
         def on_train_batch_end(self, *a):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.thread_time()))
 
     B, S = bench.spec.batch, bench.spec
     examples = bench.examples
@@ -465,7 +478,7 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
             self.marks = []
 
         def on_step_end(self, args, state, control, **kw):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.thread_time()))
 
     class FixedOrderDPOTrainer(DPOTrainer):
         # the same batches as isdpo: the data set is already in a (seeded) random order
@@ -504,6 +517,12 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
     return out
 
 
+def replace_spec(bench: Bench, spec: ModelSpec) -> Bench:
+    b = copy.copy(bench)
+    b.spec = spec
+    return b
+
+
 def run_one(spec: RunSpec, bench: Bench) -> dict:
     release_memory()
     time.sleep(0.2)
@@ -528,15 +547,12 @@ def median(xs):
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for name, rs in runs.items():
-        out[name] = {
-            "pairs_per_s": median([r["pairs_per_s"] for r in rs]),
-            "tokens_per_s": median([r["tokens_per_s"] for r in rs]),
-            "step_s_median": median([r["step_s_median"] for r in rs]),
-            "peak_mem_mb": median([r["peak_mem_mb"] for r in rs]),
-            "precompute_s": median([r.get("precompute_s") for r in rs]),
-            "pairs_per_s_each_rep": [round(r["pairs_per_s"], 3) for r in rs],
-            "peak_mem_mb_each_rep": [round(r["peak_mem_mb"], 1) for r in rs],
-        }
+        out[name] = {k: median([r.get(k) for r in rs]) for k in (
+            "pairs_per_s", "tokens_per_s", "cpu_pairs_per_s", "cpu_tokens_per_s", "step_s_median", "peak_mem_mb",
+            "precompute_s")}
+        out[name]["pairs_per_s_each_rep"] = [round(r["pairs_per_s"], 3) for r in rs]
+        out[name]["cpu_pairs_per_s_each_rep"] = [round(r["cpu_pairs_per_s"], 3) for r in rs]
+        out[name]["peak_mem_mb_each_rep"] = [round(r["peak_mem_mb"], 1) for r in rs]
     return out
 
 
@@ -546,6 +562,8 @@ RATIOS = [
     ("isdpo/fast", "trl/online", "isdpo whole fast path vs TRL defaults (target >= 1.5x)"),
     ("isdpo/fast", "trl/precomputed", "isdpo whole fast path vs TRL precomputed"),
     ("isdpo/fast-online", "trl/online", "isdpo fast path, online ref, vs TRL defaults"),
+    ("isdpo/online-plainadam", "trl/online-plainadam", "equal settings, both plain AdamW"),
+    ("isdpo/online+gradckpt", "trl/online+gradckpt", "equal settings, both gradient checkpointing"),
 ]
 
 
@@ -554,32 +572,38 @@ def ratios(summary: dict, runs: dict) -> list[dict]:
     for a, b, what in RATIOS:
         if a not in summary or b not in summary:
             continue
-        paired = [ra["pairs_per_s"] / rb["pairs_per_s"] for ra, rb in zip(runs[a], runs[b])]
-        out.append({"isdpo": a, "trl": b, "what": what,
-                    "pairs_per_s_ratio": summary[a]["pairs_per_s"] / summary[b]["pairs_per_s"],
-                    "pairs_per_s_ratio_paired_median": statistics.median(paired),
-                    "tokens_per_s_ratio": summary[a]["tokens_per_s"] / summary[b]["tokens_per_s"],
-                    "peak_mem_ratio": (summary[a]["peak_mem_mb"] / summary[b]["peak_mem_mb"]
-                                       if summary[b]["peak_mem_mb"] else None)})
+        row = {"isdpo": a, "trl": b, "what": what}
+        for key in ("pairs_per_s", "cpu_pairs_per_s"):
+            row[f"{key}_ratio"] = summary[a][key] / summary[b][key]
+            row[f"{key}_ratio_paired_median"] = statistics.median(
+                [ra[key] / rb[key] for ra, rb in zip(runs[a], runs[b])])
+        row["tokens_per_s_ratio"] = summary[a]["tokens_per_s"] / summary[b]["tokens_per_s"]
+        row["peak_mem_ratio"] = (summary[a]["peak_mem_mb"] / summary[b]["peak_mem_mb"]
+                                 if summary[b]["peak_mem_mb"] else None)
+        out.append(row)
     return out
 
 
-def print_table(model: str, bench: Bench, summary: dict, rat: list[dict]):
-    print(f"\n=== {model}: {bench.describe()}  batch={bench.spec.batch} pairs, steps={bench.spec.steps} "
-          f"(+{bench.spec.warmup} warm-up), repeats={len(next(iter(summary.values()))['pairs_per_s_each_rep'])}")
-    hdr = f"{'config':30s} {'pairs/s':>9s} {'tokens/s':>10s} {'step s':>8s} {'peak MB':>9s} {'precomp s':>9s}  pairs/s each rep"
+def print_table(model: str, bench: Bench, summary: dict, rat: list[dict], threads: int):
+    reps = len(next(iter(summary.values()))["pairs_per_s_each_rep"])
+    print(f"\n=== {model}: {bench.describe()}\n    batch={bench.spec.batch} pairs, {bench.spec.steps} timed steps "
+          f"(+{bench.spec.warmup} warm-up) per run, {reps} interleaved repeats, {threads} thread(s); "
+          f"medians over repeats; 'cpu' = per main-thread CPU second")
+    hdr = (f"{'config':28s} {'pairs/s':>8s} {'tokens/s':>9s} {'cpu pairs/s':>11s} {'cpu tok/s':>9s} "
+           f"{'step s':>7s} {'peak MB':>8s} {'precomp s':>9s}  cpu pairs/s each rep")
     print(hdr)
     print("-" * len(hdr))
     for name, s in summary.items():
         pre = f"{s['precompute_s']:9.2f}" if s["precompute_s"] is not None else f"{'-':>9s}"
-        print(f"{name:30s} {s['pairs_per_s']:9.3f} {s['tokens_per_s']:10.0f} {s['step_s_median']:8.3f} "
-              f"{s['peak_mem_mb']:9.1f} {pre}  {s['pairs_per_s_each_rep']}")
-    print("ratios (isdpo / TRL; medians over repeats; 'paired' = median of per-repeat ratios):")
+        print(f"{name:28s} {s['pairs_per_s']:8.3f} {s['tokens_per_s']:9.0f} {s['cpu_pairs_per_s']:11.3f} "
+              f"{s['cpu_tokens_per_s']:9.0f} {s['step_s_median']:7.3f} {s['peak_mem_mb']:8.1f} {pre}  "
+              f"{s['cpu_pairs_per_s_each_rep']}")
+    print("ratios isdpo / TRL (of medians; 'paired' = median of the per-repeat ratios):")
     for r in rat:
         mem = f"{r['peak_mem_ratio']:.2f}x" if r["peak_mem_ratio"] is not None else "-"
-        print(f"  {r['isdpo']:20s} / {r['trl']:16s} pairs/s {r['pairs_per_s_ratio']:.2f}x "
-              f"(paired {r['pairs_per_s_ratio_paired_median']:.2f}x)  tokens/s {r['tokens_per_s_ratio']:.2f}x  "
-              f"peak mem {mem}   [{r['what']}]")
+        print(f"  {r['isdpo']:22s} / {r['trl']:20s} pairs/s wall {r['pairs_per_s_ratio']:.2f}x "
+              f"(paired {r['pairs_per_s_ratio_paired_median']:.2f}x), cpu {r['cpu_pairs_per_s_ratio']:.2f}x "
+              f"(paired {r['cpu_pairs_per_s_ratio_paired_median']:.2f}x); peak mem {mem}  [{r['what']}]")
 
 
 def main(argv=None):
@@ -596,6 +620,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also isdpo with torch.compile (compiling takes minutes on CPU)")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-prewarm", action="store_true", help="skip the untimed first run of each side")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_dpo_<model>.json)")
     args = ap.parse_args(argv)
 
@@ -628,6 +653,13 @@ def main(argv=None):
         print(f"[bench] {model}: {bench.describe()}", flush=True)
         runs: dict[str, list[dict]] = {s.name: [] for s in specs}
         t0 = time.time()
+        if not args.no_prewarm:  # lazy initialisation and first allocations of each side, not recorded
+            short = replace(bench.spec, steps=1, warmup=1)
+            for side in sorted({s.side for s in specs}):
+                try:
+                    run_one(RunSpec(f"{side}/prewarm", side), replace_spec(bench, short))
+                except Exception as e:
+                    print(f"[bench] prewarm {side} failed: {type(e).__name__}: {e}")
         for rep in range(spec.repeats):
             order = specs if rep % 2 == 0 else specs[::-1]
             for s in order:
@@ -639,14 +671,14 @@ def main(argv=None):
                     continue
                 runs[s.name].append(r)
                 print(f"[bench] {model} rep {rep} {s.name:28s} {r['pairs_per_s']:8.3f} pairs/s "
-                      f"{r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mem_mb']:8.1f} MB  "
+                      f"(cpu {r['cpu_pairs_per_s']:8.3f}) {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mem_mb']:8.1f} MB  "
                       f"loss {r['final_loss']:.4f}" + (f"  precompute {r['precompute_s']:.2f}s"
                                                         if "precompute_s" in r else ""), flush=True)
         runs = {k: [r for r in v if r is not None] for k, v in runs.items()}
         runs = {k: v for k, v in runs.items() if v}
         summary = summarise(runs)
         rat = ratios(summary, runs)
-        print_table(model, bench, summary, rat)
+        print_table(model, bench, summary, rat, args.threads)
         res = {"model": model, "machine": {**machine, "load_avg_end": os.getloadavg()}, "spec": asdict(spec),
                "scale": scale, "data": bench.describe(), "configs": {s.name: asdict(s) for s in specs},
                "summary": summary, "ratios": rat, "runs": runs, "wall_s": time.time() - t0}

@@ -67,8 +67,9 @@ def test_every_grid_value_composes_into_a_valid_job(name, tmp_path):
     """One job per grid value (each value with the others at the file's defaults), composed as the job
     itself composes (+sweep=NAME plus its overrides); every interpolation resolves; validated where the
     task is implemented."""
+    params = grid(name)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for key, values in grid(name).items():
+        for key, values in params.items():
             for value in values:
                 override = f"{key}={value}"
                 job = compose("config", overrides=[f"+sweep={name}", override], return_hydra_config=True)
