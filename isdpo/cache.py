@@ -36,6 +36,10 @@ def file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Part of every key: bump it when the code that builds an entry changes what it builds.
+CACHE_VERSION = 2
+
+
 def cached_dir(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """Return ``(path, hit)`` of the entry for ``key``, calling ``build(tmp_dir)`` on a miss.
 
@@ -44,6 +48,7 @@ def cached_dir(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path
     hash is of.
     """
     root = Path(cache_dir) / kind
+    key = {"cache_version": CACHE_VERSION, "key": key}
     digest = config_hash(key)
     final = root / digest
     if final.exists():

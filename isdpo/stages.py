@@ -137,6 +137,9 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
             print(f"[isdpo] resuming from {resume}")
         started = time.time()
         trainer.fit(module, loader, ckpt_path=resume)
+        if tr.checkpoint_every_n_steps > 0 and not fast_dev_run:
+            # The final state too, so rerunning a finished job resumes at its end instead of retraining.
+            trainer.save_checkpoint(ckpt)
         if not trainer.is_global_zero:  # other data-parallel ranks stop here; rank zero writes
             return {}
         policy.save_pretrained(out / "policy")

@@ -39,6 +39,8 @@ def accumulation(global_batch: int, per_device: int, devices: int, num_nodes: in
 
 def wandb_mode(mode: str) -> str:
     """``auto``: online only when a key is configured, so a run never fails for lack of network."""
+    if os.environ.get("WANDB_MODE") == "":
+        del os.environ["WANDB_MODE"]  # wandb rejects an empty mode
     if mode != "auto":
         return mode
     if os.environ.get("WANDB_MODE"):
