@@ -7,26 +7,17 @@ import logging
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from isdpo.resolvers import register as register_resolvers
 
 # Hydra's root handler and Lightning's own handler would print every Lightning line twice.
 logging.getLogger("lightning.pytorch").propagate = False
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _gpus_per_node(accelerator, devices, cpu_value=None):
-    """hydra/launcher/{slurm,local}.yaml: GPUs per node = hardware.devices on GPUs, ``cpu_value`` otherwise."""
-    return int(devices) if str(accelerator) in ("gpu", "cuda") else cpu_value
-
-
-def _cpus_per_task(num_workers, torch_threads):
-    """hydra/launcher/{slurm,local}.yaml: DataLoader workers + the main process's threads (1 when unset)."""
-    return int(num_workers) + int(torch_threads or 1)
-
-
-# Resolved in this process when Hydra instantiates the launcher (before any job starts).
-OmegaConf.register_new_resolver("isdpo.gpus", _gpus_per_node, replace=True)
-OmegaConf.register_new_resolver("isdpo.cpus", _cpus_per_task, replace=True)
+# Resolved in this process when Hydra composes (run dir, launcher settings), before any job starts.
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

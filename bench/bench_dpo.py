@@ -161,8 +161,8 @@ class ModelSpec:
 #: TL;DR-like lengths (prompts 100-500 tokens, responses 20-100), multiplied by ``scale``: on these
 #: CPUs the defaults are scaled down (the spread kept) to fit minutes; --scale 1 gives the full lengths.
 MODELS = {
-    "tiny": ModelSpec("tiny", (100, 500), (20, 100), batch=4, steps=10, warmup=2, repeats=2, scale=0.5),
-    "smollm2": ModelSpec("smollm2", (100, 500), (20, 100), batch=2, steps=2, warmup=1, repeats=1, scale=0.2),
+    "tiny": ModelSpec("tiny", (100, 500), (20, 100), batch=4, steps=10, warmup=2, repeats=3, scale=0.5),
+    "smollm2": ModelSpec("smollm2", (100, 500), (20, 100), batch=2, steps=3, warmup=1, repeats=1, scale=0.2),
 }
 
 
@@ -363,6 +363,8 @@ def _timed(marks: list[tuple[float, float]], bench: Bench) -> dict:
     w, B = bench.spec.warmup, bench.spec.batch
     marks = marks[w - 1:] if w > 0 else marks
     steps = len(marks) - 1
+    if steps < 1:  # a pre-warm run: nothing timed
+        return {"steps_timed": 0}
     dt = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
     wall = marks[-1][0] - marks[0][0]
     cpu = marks[-1][1] - marks[0][1]
@@ -395,6 +397,13 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
 
         def logps(self, model, batch):
             return batch_logps(model, batch, response_only=self.response_only, concatenated=self.concatenated)
+
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            # Lightning zeroes gradients inside the NEXT step's closure, after its forward: the old
+            # gradients (one copy of the weights) would sit in memory through the next forward's
+            # activations. Freed here, right after the step (as Hugging Face's Trainer does).
+            optimizer.zero_grad(set_to_none=True)
 
         def configure_optimizers(self):
             cfg = super().configure_optimizers()
@@ -654,7 +663,7 @@ def main(argv=None):
         runs: dict[str, list[dict]] = {s.name: [] for s in specs}
         t0 = time.time()
         if not args.no_prewarm:  # lazy initialisation and first allocations of each side, not recorded
-            short = replace(bench.spec, steps=1, warmup=1)
+            short = replace(bench.spec, steps=0, warmup=1)
             for side in sorted({s.side for s in specs}):
                 try:
                     run_one(RunSpec(f"{side}/prewarm", side), replace_spec(bench, short))

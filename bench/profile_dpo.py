@@ -72,7 +72,7 @@ def main():
             from torch.profiler import ProfilerActivity, profile
 
             pyi = Profiler(interval=0.002) if Profiler else None
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 if pyi:
                     pyi.start()
                 try:
@@ -86,9 +86,13 @@ def main():
         res = run(s, bench, wrap=wrap)
         stem = bd.RESULTS / f"profile_{args.model}_{name.replace('/', '_')}"
         prof = holder["prof"]
-        Path(f"{stem}.ops.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        Path(f"{stem}.ops.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\nby input shape:\n"
+            + prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40,
+                                                                 max_name_column_width=40, max_shapes_column_width=80))
         if holder["pyi"]:
-            Path(f"{stem}.tree.txt").write_text(holder["pyi"].output_text(unicode=False, color=False, show_all=False))
+            Path(f"{stem}.tree.txt").write_text(holder["pyi"].output_text(
+                unicode=False, color=False, show_all=True, processor_options={"filter_threshold": 0.01}))
         shares = summarise(prof)
         print(f"\n{name}: {res['pairs_per_s']:.3f} pairs/s, step {res['step_s_median']:.3f}s; "
               f"op time {shares.pop('total_op_s'):.2f}s over {spec.warmup + spec.steps} steps")

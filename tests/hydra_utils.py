@@ -7,6 +7,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from isdpo.resolvers import register
+
+register()
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

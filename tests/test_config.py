@@ -91,3 +91,12 @@ def test_run_dir_is_deterministic_from_overrides():
     b = compose_cfg(["beta=0.01", "loss=dpo", "logger=none"], run=False)
     assert a.hydra.run.dir == "outputs/default/" + a.hydra.job.override_dirname
     assert a.hydra.job.override_dirname == b.hydra.job.override_dirname == "beta=0.01,loss=dpo"
+
+
+def test_long_overrides_give_a_short_deterministic_folder_name():
+    from isdpo.resolvers import MAX_DIRNAME, run_dirname
+
+    long = ",".join(f"task.some.key{i}=value{i}" for i in range(30))
+    name = run_dirname(long)
+    assert len(name) <= MAX_DIRNAME and name == run_dirname(long) and name != run_dirname(long + "x")
+    assert run_dirname("beta=0.01,loss=dpo") == "beta=0.01,loss=dpo"

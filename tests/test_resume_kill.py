@@ -152,7 +152,8 @@ def test_killed_run_resumes_to_the_same_curve_and_wandb_run(shared):
     finally:
         killer.join()
     assert report["ckpt_seen"], "no checkpoint before the run ended or within 180 s:\n" + log.read_text()[-3000:]
-    assert proc.returncode != 0
+    # No return-code check: Lightning turns SIGTERM into SIGTERMException, a SystemExit(None), so a run that
+    # stops within the grace period exits with status 0 (else -9). What counts is that it did not finish:
     assert not (out / "result.json").exists(), "the run finished before it was killed: make it longer"
     done_before = [r["step"] for r in rows(out)] if (out / "metrics.jsonl").exists() else []
     assert done_before[-1:] != [STEPS[-1]], done_before
@@ -167,11 +168,9 @@ def test_killed_run_resumes_to_the_same_curve_and_wandb_run(shared):
     assert len(ids) == 2 and ids[0] == ids[1] and ids[0].endswith("-align"), ids  # one W&B run, continued
 
 
-# csv, not wandb, until isdpo/stages.py's _finish() stops wandb.finish() from masking submitit's exit: at a
-# requeue SLURM SIGTERMs every process of the job step, the wandb service included; wandb.finish() in the
-# `finally` then raises HandleAbandonedError in place of submitit's SystemExit, Hydra records the job as
-# failed and the launcher gives up on the sweep while SLURM runs the requeued task anyway.
-SLURM_LOGGER = "csv"
+# wandb: at a requeue SLURM SIGTERMs every process of the job step, the wandb service included; this checks
+# that stages._finish() keeps the resulting wandb.finish() error from masking submitit's requeue exit.
+SLURM_LOGGER = "wandb"
 
 
 @pytest.mark.slurm

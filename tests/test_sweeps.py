@@ -5,7 +5,6 @@ config groups, and sweeps/README.md's run counts cannot drift from the files.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -24,9 +23,10 @@ README = (ROOT / "sweeps" / "README.md").read_text()
 
 
 def _register_launch_resolvers() -> None:
-    """launch.py registers the ``isdpo.*`` resolvers that hydra/launcher/{slurm,local}.yaml use."""
-    spec = importlib.util.spec_from_file_location("isdpo_launch_for_tests", ROOT / "launch.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    """The ``isdpo.*`` resolvers that conf/config.yaml and hydra/launcher/{slurm,local}.yaml use (as launch.py)."""
+    from isdpo.resolvers import register
+
+    register()
 
 
 def hydra_cfg(overrides: list[str]):
