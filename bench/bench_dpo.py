@@ -98,6 +98,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 BETA, LR, CLIP = 0.1, 1e-6, 1.0
+BF16 = False  # --bf16: bf16 autocast on both sides (Lightning "bf16-mixed", TRL bf16=True); meant for GPUs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,6 +354,11 @@ class Bench:
 # ------------------------------------------------------------------------------------------------
 
 
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(marks: list[tuple[float, float]], bench: Bench) -> dict:
     """Throughput over the steps after the warm-up, by wall clock and by the main thread's CPU time.
 
@@ -418,10 +424,12 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
 
     class Timer(L.Callback):
         def __init__(self):
-            self.marks = []
+            self.marks, self.losses = [], []
 
-        def on_train_batch_end(self, *a):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *a):
+            _sync()
             self.marks.append((time.perf_counter(), time.thread_time()))
+            self.losses.append(float(outputs["loss"]))
 
     B, S = bench.spec.batch, bench.spec
     examples = bench.examples
@@ -457,7 +465,7 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
     module = BenchModule(policy, reference, build_loss("dpo", BETA), lr=LR, schedule="constant",
                          response_only=spec.response_only, concatenated=spec.concatenated, fused_adam=spec.fused_adam)
     hw = {"accelerator": "gpu" if torch.cuda.is_available() else "cpu", "devices": 1, "num_nodes": 1,
-          "precision": "32-true", "strategy": "auto"}
+          "precision": "bf16-mixed" if BF16 else "32-true", "strategy": "auto"}
     timer = Timer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(hw, max_steps=S.warmup + S.steps, accumulate=1, run_dir=Path(tmp), logger=False,
@@ -465,7 +473,7 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
         with wrap():
             trainer.fit(module, loader)
     out.update(_timed(timer.marks, bench))
-    out["final_loss"] = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    out["mean_loss"] = statistics.fmean(timer.losses)  # the quantity TRL reports as training_loss
     del trainer, module, policy, reference, loader
     return out
 
@@ -487,6 +495,7 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
             self.marks = []
 
         def on_step_end(self, args, state, control, **kw):
+            _sync()
             self.marks.append((time.perf_counter(), time.thread_time()))
 
     class FixedOrderDPOTrainer(DPOTrainer):
@@ -502,7 +511,7 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
         args = DPOConfig(
             output_dir=tmp, per_device_train_batch_size=S.batch, max_steps=S.warmup + S.steps, learning_rate=LR,
             beta=BETA, loss_type=["sigmoid"], max_grad_norm=CLIP, optim=spec.trl_optim,
-            gradient_checkpointing=spec.grad_ckpt, bf16=spec.trl_bf16, use_cpu=not torch.cuda.is_available(),
+            gradient_checkpointing=spec.grad_ckpt, bf16=spec.trl_bf16 or BF16, use_cpu=not torch.cuda.is_available(),
             precompute_ref_log_probs=spec.ref == "precomputed", precompute_ref_batch_size=S.batch,
             report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0,
             lr_scheduler_type="constant",
@@ -521,7 +530,7 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
         with wrap():
             res = trainer.train()
         out.update(_timed(timer.marks, bench))
-        out["final_loss"] = float(res.training_loss)
+        out["mean_loss"] = float(res.training_loss)  # mean of the per-step losses
         del trainer, policy, ref, data, ds
     return out
 
@@ -538,6 +547,8 @@ def run_one(spec: RunSpec, bench: Bench) -> dict:
     with RSSMonitor() as mon:
         res = (run_isdpo if spec.side == "isdpo" else run_trl)(spec, bench)
         release_memory()
+    if res.get("tokens_match_isdpo") is False:
+        print(f"[bench] WARNING {spec.name}: TRL's token ids differ from isdpo's: the comparison is not like for like")
     res["peak_mem_mb"] = mon.peak_mb
     res["threads"] = torch.get_num_threads()
     return res
@@ -558,7 +569,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     for name, rs in runs.items():
         out[name] = {k: median([r.get(k) for r in rs]) for k in (
             "pairs_per_s", "tokens_per_s", "cpu_pairs_per_s", "cpu_tokens_per_s", "step_s_median", "peak_mem_mb",
-            "precompute_s")}
+            "precompute_s", "mean_loss")}
         out[name]["pairs_per_s_each_rep"] = [round(r["pairs_per_s"], 3) for r in rs]
         out[name]["cpu_pairs_per_s_each_rep"] = [round(r["cpu_pairs_per_s"], 3) for r in rs]
         out[name]["peak_mem_mb_each_rep"] = [round(r["peak_mem_mb"], 1) for r in rs]
@@ -599,13 +610,14 @@ def print_table(model: str, bench: Bench, summary: dict, rat: list[dict], thread
           f"(+{bench.spec.warmup} warm-up) per run, {reps} interleaved repeats, {threads} thread(s); "
           f"medians over repeats; 'cpu' = per main-thread CPU second")
     hdr = (f"{'config':28s} {'pairs/s':>8s} {'tokens/s':>9s} {'cpu pairs/s':>11s} {'cpu tok/s':>9s} "
-           f"{'step s':>7s} {'peak MB':>8s} {'precomp s':>9s}  cpu pairs/s each rep")
+           f"{'step s':>7s} {'peak MB':>8s} {'precomp s':>9s} {'mean loss':>9s}  cpu pairs/s each rep")
     print(hdr)
     print("-" * len(hdr))
     for name, s in summary.items():
         pre = f"{s['precompute_s']:9.2f}" if s["precompute_s"] is not None else f"{'-':>9s}"
         print(f"{name:28s} {s['pairs_per_s']:8.3f} {s['tokens_per_s']:9.0f} {s['cpu_pairs_per_s']:11.3f} "
-              f"{s['cpu_tokens_per_s']:9.0f} {s['step_s_median']:7.3f} {s['peak_mem_mb']:8.1f} {pre}  "
+              f"{s['cpu_tokens_per_s']:9.0f} {s['step_s_median']:7.3f} {s['peak_mem_mb']:8.1f} {pre} "
+              f"{s['mean_loss']:9.6f}  "
               f"{s['cpu_pairs_per_s_each_rep']}")
     print("ratios isdpo / TRL (of medians; 'paired' = median of the per-repeat ratios):")
     for r in rat:
@@ -628,12 +640,15 @@ def main(argv=None):
     ap.add_argument("--extras", action="store_true", help="also TRL exactly as shipped (bf16 autocast, grad ckpt)")
     ap.add_argument("--compile", action="store_true", help="also isdpo with torch.compile (compiling takes minutes on CPU)")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (GPU runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-prewarm", action="store_true", help="skip the untimed first run of each side")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_dpo_<model>.json)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    global BF16
+    BF16 = args.bf16
     RESULTS.mkdir(parents=True, exist_ok=True)
     models = ["tiny", "smollm2"] if args.model == "all" else [args.model]
     specs = (MAIN + (ABLATIONS if args.ablations else []) + (EXTRAS if args.extras else [])
@@ -645,7 +660,7 @@ def main(argv=None):
 
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
                "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "bf16": args.bf16,
                "load_avg_start": os.getloadavg()}
     print(f"[bench] {machine}", flush=True)
     all_results = {}
@@ -681,7 +696,7 @@ def main(argv=None):
                 runs[s.name].append(r)
                 print(f"[bench] {model} rep {rep} {s.name:28s} {r['pairs_per_s']:8.3f} pairs/s "
                       f"(cpu {r['cpu_pairs_per_s']:8.3f}) {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mem_mb']:8.1f} MB  "
-                      f"loss {r['final_loss']:.4f}" + (f"  precompute {r['precompute_s']:.2f}s"
+                      f"mean loss {r['mean_loss']:.6f}" + (f"  precompute {r['precompute_s']:.2f}s"
                                                         if "precompute_s" in r else ""), flush=True)
         runs = {k: [r for r in v if r is not None] for k, v in runs.items()}
         runs = {k: v for k, v in runs.items() if v}

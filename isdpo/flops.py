@@ -108,9 +108,14 @@ class ThroughputMonitor(L.Callback):
 
     peak_flops: FLOP/s of ONE device; ``"auto"`` looks the device up in :data:`PEAK_TFLOPS` with the
         trainer's precision (None on CPU or an unknown GPU: no MFU); a number forces it; None: no MFU.
-    log_every_n_steps: optimizer steps per logged window. Times are wall clock between the ends of
-        training batches (data loading included); the first batch of a fit (set-up, warm-up) is
-        left out. On GPU the window is closed after ``torch.cuda.synchronize()``.
+    log_every_n_steps: optimizer steps per logged window.
+
+    Time is the time inside training batches, from ``on_train_batch_start`` to this callback's
+    ``on_train_batch_end`` (forward, backward, optimizer step), summed over the window; data
+    loading (overlapped by loader workers) and evaluation are left out, so put this callback
+    BEFORE callbacks that do slow work in ``on_train_batch_end`` (isdpo.callbacks.EvalCallback).
+    The first batch of a fit (set-up, allocations, compilation) is not counted. On GPU each batch
+    is bracketed by ``torch.cuda.synchronize()``.
 
     Throughput is per process times the world size (every rank is assumed to see the same amount);
     MFU is per device. Values are sent to ``trainer.loggers`` at ``trainer.global_step`` from global
@@ -123,10 +128,12 @@ class ThroughputMonitor(L.Callback):
         self.peak = peak_flops
         self.every = log_every_n_steps
         self.history: list[dict[str, float]] = []
-        self._reset(None)
+        self.started = False
+        self._reset()
 
-    def _reset(self, start: float | None) -> None:
-        self.t0, self.steps, self.tokens, self.pairs, self.flops = start, 0, 0, 0, 0.0
+    def _reset(self) -> None:
+        self.busy, self.steps, self.tokens, self.pairs, self.flops = 0.0, 0, 0, 0, 0.0
+        self._t = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         policy = getattr(pl_module, "policy", pl_module)
@@ -139,23 +146,31 @@ class ThroughputMonitor(L.Callback):
                                if dev.type == "cuda" else None)
         else:
             self.peak_value = None if self.peak is None else float(self.peak)
-        self._last_step = trainer.global_step
-        self._reset(None)
+        self.started = False
+        self._reset()
 
     @staticmethod
-    def _sync(trainer) -> None:
+    def _now(trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self.started:
+            self._t = self._now(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
-        if self.t0 is None:  # first batch of the fit: start the clock at its end
-            self._sync(trainer)
-            self._reset(time.perf_counter())
+        if not self.started:  # the first batch of the fit is set-up: not counted
+            self.started = True
             self._last_step = trainer.global_step
             return
+        if self._t is None:
+            return
+        self.busy += self._now(trainer) - self._t
+        self._t = None
         if isinstance(batch, dict) and "input_ids" in batch:
             seq_tokens, computed = batch_token_counts(batch)
-            online_ref = self.n_ref and "chosen_ref_logp" not in batch
+            online_ref = bool(self.n_ref) and "chosen_ref_logp" not in batch
             self.tokens += seq_tokens
             self.flops += step_flops(self.n_policy, computed, self.n_ref if online_ref else 0,
                                      computed if online_ref else 0)
@@ -169,9 +184,7 @@ class ThroughputMonitor(L.Callback):
                 self._emit(trainer)
 
     def _emit(self, trainer) -> None:
-        self._sync(trainer)
-        now = time.perf_counter()
-        dt = max(now - self.t0, 1e-9)
+        dt = max(self.busy, 1e-9)
         world = trainer.world_size
         row = {"perf/tokens_per_s": self.tokens * world / dt, "perf/step_s": dt / self.steps}
         if self.pairs:
@@ -179,7 +192,7 @@ class ThroughputMonitor(L.Callback):
         if self.peak_value:
             row["perf/mfu"] = self.flops / dt / self.peak_value
             row["perf/tflops_per_device"] = self.flops / dt / 1e12
-        self._reset(now)
+        self._reset()
         if trainer.is_global_zero:
             self.history.append({"step": trainer.global_step, **row})
             for logger in trainer.loggers:

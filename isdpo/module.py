@@ -21,7 +21,7 @@ class _LMModule(L.LightningModule):
     def __init__(self, policy, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
                  schedule: str = "cosine", response_only: bool = True):
         super().__init__()
-        self.policy = policy
+        self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         self.lr, self.weight_decay, self.warmup_steps, self.schedule = lr, weight_decay, warmup_steps, schedule
         self.response_only = response_only
         # The frozen reference is rebuilt from its own checkpoint: keep it out of ours.
@@ -52,6 +52,11 @@ class PreferenceModule(_LMModule):
         super().__init__(policy, **kw)
         self.reference = freeze(reference) if reference is not None else None
         self.loss_fn = loss_fn
+        # As TRL's DPOTrainer (disable_dropout=True): with dropout the policy's log-probs at step 0 would
+        # differ from the reference's, so rho != 0 and the IS weight != 1 before any training.
+        for module in self.policy.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
 
     def pair_logps(self, batch) -> PairLogps:
         logps, lengths = self.logps(self.policy, batch)

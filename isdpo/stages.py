@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from isdpo.losses import build_loss
 from isdpo.models import freeze, load_causal_lm
 from isdpo.module import PreferenceModule, SFTModule
 from isdpo.trainer import accumulation, build_logger, build_trainer
+
+# The frozen reference is in eval mode on purpose; Lightning warns about every such module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 STAGES = ("sft", "reward", "relabel", "align", "evaluate", "judge", "pipeline")
 TEXT_TASKS = ("tldr", "hh")

@@ -12,6 +12,7 @@ Plus isdpo.flops (MFU arithmetic, the device table, the throughput callback).
 """
 import copy
 import random
+import time
 
 import lightning as L
 import pytest
@@ -297,11 +298,17 @@ def test_throughput_monitor_logs_tokens_and_mfu(models, tmp_path):
     module = PreferenceModule(policy, reference, build_loss("dpo", 0.5), lr=1e-3)
     mon = ThroughputMonitor(peak_flops=1e12, log_every_n_steps=1)
     auto = ThroughputMonitor(log_every_n_steps=3)  # CPU: tokens/s only
+
+    class SlowEval(L.Callback):  # stands for EvalCallback: slow work after the batch, not training time
+        def on_train_batch_end(self, *a):
+            time.sleep(1.0)
+
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[mon, auto],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[mon, auto, SlowEval()],
                         default_root_dir=str(tmp_path))
     trainer.fit(module, loader)
     assert [h["step"] for h in mon.history] == [2, 3, 4]  # the first batch (set-up) is not timed
+    assert all(h["perf/step_s"] < 1.0 for h in mon.history)  # the evaluation after the batch is not counted
     n = matmul_params(policy)
     for h, first in zip(mon.history, range(3, 12, 3)):
         b = PreferenceCollator(0)(pairs[first:first + 3])

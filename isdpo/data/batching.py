@@ -130,8 +130,10 @@ class PackedPreferenceCollator:
 
     Each pair gives one segment ``[prompt | chosen | rejected]`` (``share_prompt=True``) or two
     segments ``[prompt | chosen]``, ``[prompt | rejected]``; segments are packed first-fit
-    decreasing into rows of ``row_capacity`` tokens (default: the longest segment of the batch,
-    rounded up to ``multiple_of``). Keys:
+    decreasing into rows of ``max(row_capacity, longest segment)`` tokens (default: the longest
+    segment of the batch), rounded up to ``multiple_of``. Attention costs rows x capacity^2 (a
+    dense mask), so a capacity near the longest segment keeps it close to the padded batch's;
+    larger capacities put more short segments in a row. Keys:
 
     - ``input_ids``, ``position_ids`` [R, C]: tokens and their own positions (pad slots: pad_id, 0)
     - ``pack_segment`` [R, C]: segment id of each slot (-1 for padding); ``pack_part`` [R, C]:
