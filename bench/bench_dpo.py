@@ -14,11 +14,14 @@ What runs. One process runs every configuration in turn, interleaved (rep 1: A B
   isdpo.trainer.build_trainer, fed by isdpo.data.loader.ResumableLoader + PreferenceCollator:
   what stage=align runs, minus evaluation and checkpointing. (The Trainer, not a bare loop,
   because TRL is measured with its Trainer too: each framework's per-step overhead is part of it.)
-  A subclass (BenchModule) only adds the fast-path switches the lead still has to wire into the
-  module (batch_logps, fused AdamW); with the switches off it IS PreferenceModule.
+  A subclass (BenchModule) adds what is not wired into the module yet: the fast-path switches
+  (isdpo.logprobs.batch_logps), fused AdamW, and gradients freed right after the optimizer step
+  (Lightning frees them only after the NEXT step's forward, so a copy of the gradients would sit
+  through every forward: +12% peak memory on SmolLM2). Otherwise it IS PreferenceModule.
 - TRL 1.16: DPOTrainer (loss_type sigmoid = DPO) on the same text, tokenised by TRL itself (the
   bench checks that TRL's token ids equal isdpo's), the same batch size, the same batch order
   (a fixed pre-shuffled order on both sides: TRL's sampler is replaced by a sequential one).
+  Both sides report the same mean training loss (to 6 digits) at equal settings.
 
 Equal settings on both sides: fp32 weights and compute, no gradient checkpointing, fused AdamW
 (TRL's default optimizer; isdpo's build_optimizer makes a plain AdamW today, so BenchModule swaps
@@ -58,6 +61,10 @@ tiny 0.5 ([50, 250] and [10, 50]), SmolLM2 0.2 ([20, 100] and [4, 20]); --scale 
 lengths. Text is random words that are one token each (EOS appended by TRL's rule), so token
 lengths are exact.
 
+On a GPU: ``--bf16`` (bf16 autocast on both sides), ``--scale 1`` and bigger ``--batch``/``--steps``;
+time is then wall clock with a CUDA sync at every step end, memory torch.cuda.max_memory_allocated,
+and the "cpu" columns mean nothing.
+
 Results: a table on stdout and JSON under bench/results/.
 """
 from __future__ import annotations
@@ -77,7 +84,7 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

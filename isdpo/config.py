@@ -73,6 +73,11 @@ def validate(cfg) -> None:
         accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    _require(_number(cfg, "task.train.group_batches") >= 1,
+             f"task.train.group_batches must be >= 1 (got {tr.group_batches})")
+    _require(not (tr.packing and cfg.model.get("attn_implementation") == "flash_attention_2"),
+             "task.train.packing=true needs model.attn_implementation sdpa or eager (the packed block-diagonal "
+             "mask cannot go through flash_attention_2)")
     _require(_number(cfg, "task.train.lr") > 0, f"task.train.lr must be > 0 (got {tr.lr})")
     _require(_number(cfg, "task.train.max_steps") >= 1, f"task.train.max_steps must be >= 1 (got {tr.max_steps})")
     _require(_number(cfg, "task.train.gradient_clip_val") >= 0,

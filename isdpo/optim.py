@@ -18,11 +18,13 @@ def warmup_schedule(step: int, *, warmup_steps: int, total_steps: int, schedule:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, total_steps: int, schedule: str):
+def build_optimizer(params, *, lr: float, weight_decay: float, warmup_steps: int, total_steps: int, schedule: str,
+                    fused: bool = False):
     """Lightning's ``configure_optimizers`` return value, stepping the scheduler per optimizer step."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                            fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: warmup_schedule(s, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule),

@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from isdpo.cache import cached_dir, config_hash
 from isdpo.callbacks import EvalCallback, read_jsonl
 from isdpo.data.collate import PreferenceCollator, SFTCollator
+from isdpo.data.batching import LengthGroupedLoader, PackedPreferenceCollator
 from isdpo.data.loader import ResumableLoader
+from isdpo.flops import ThroughputMonitor
+from isdpo.logprobs import compile_decoder
 from isdpo.losses import build_loss
 from isdpo.models import freeze, load_causal_lm
 from isdpo.module import PreferenceModule, SFTModule
@@ -125,15 +128,26 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
     policy = load_causal_lm(cfg.model, vocab_size=rt.vocab_size, path=str(ref_dir / "model"))
     hw, tr = cfg.hardware, cfg.task.train
     acc = accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
-    loader = ResumableLoader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed,
-                             collate_fn=PreferenceCollator(rt.pad_id), num_workers=hw.num_workers)
+    collate = (PackedPreferenceCollator(rt.pad_id, share_prompt=tr.share_prompt) if tr.packing
+               else PreferenceCollator(rt.pad_id))
+    if tr.length_grouped:
+        loader = LengthGroupedLoader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed, collate_fn=collate,
+                                     num_workers=hw.num_workers, group_batches=tr.group_batches)
+    else:
+        loader = ResumableLoader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed, collate_fn=collate,
+                                 num_workers=hw.num_workers)
     if hw.get("activation_checkpointing") and hw.strategy != "fsdp":
         policy.gradient_checkpointing_enable()
+    if tr.compile:
+        compile_decoder(policy)
     module = PreferenceModule(policy, reference, loss_fn, lr=tr.lr, weight_decay=tr.weight_decay,
                               warmup_steps=tr.warmup_steps, schedule=tr.schedule,
-                              response_only=tr.response_only_logits)
+                              response_only=tr.response_only_logits, concatenated=tr.concatenated_forward,
+                              fused_adamw=tr.fused_adamw and hw.strategy != "fsdp")
     metrics_path = out / "metrics.jsonl"
-    callbacks = [EvalCallback(evaluator, metrics_path, cfg.task.eval.every_n_steps)]
+    # The throughput monitor must come before the evaluation, which it must not time.
+    callbacks = [ThroughputMonitor(peak_flops=hw.get("peak_flops", "auto")),
+                 EvalCallback(evaluator, metrics_path, cfg.task.eval.every_n_steps)]
     logger = _logger(cfg, "align")
     ckpt = out / "checkpoints" / "last.ckpt"
     try:

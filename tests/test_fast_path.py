@@ -301,14 +301,14 @@ def test_throughput_monitor_logs_tokens_and_mfu(models, tmp_path):
 
     class SlowEval(L.Callback):  # stands for EvalCallback: slow work after the batch, not training time
         def on_train_batch_end(self, *a):
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[mon, auto, SlowEval()],
                         default_root_dir=str(tmp_path))
     trainer.fit(module, loader)
     assert [h["step"] for h in mon.history] == [2, 3, 4]  # the first batch (set-up) is not timed
-    assert all(h["perf/step_s"] < 1.0 for h in mon.history)  # the evaluation after the batch is not counted
+    assert all(h["perf/step_s"] < 0.5 for h in mon.history)  # the evaluation after the batch is not counted
     n = matmul_params(policy)
     for h, first in zip(mon.history, range(3, 12, 3)):
         b = PreferenceCollator(0)(pairs[first:first + 3])

@@ -17,6 +17,18 @@ def test_fast_dev_run_of_every_stage(stage, tmp_path):
     assert out is not None
 
 
+FAST_PATH = ["task.train.length_grouped=true", "task.train.packing=true", "task.train.fused_adamw=true"]
+
+
+def test_align_runs_with_the_fast_path(tmp_path):
+    """The stage wiring of length grouping, packing and fused AdamW (that each gives the plain path's
+    loss and gradients is checked in tests/test_fast_path.py)."""
+    cfg = compose_cfg(SMALL + FAST_PATH + ["stage=align", "task.train.max_steps=3"], tmp_path)
+    validate(cfg)
+    result = run_stage(cfg)
+    assert result["final"]["step"] == 3 and 0.0 <= result["final"]["win_rate"] <= 1.0
+
+
 @pytest.fixture(scope="module")
 def small_pipeline(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
