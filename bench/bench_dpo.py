@@ -14,18 +14,17 @@ What runs. One process runs every configuration in turn, interleaved (rep 1: A B
   isdpo.trainer.build_trainer, fed by isdpo.data.loader.ResumableLoader + PreferenceCollator:
   what stage=align runs, minus evaluation and checkpointing. (The Trainer, not a bare loop,
   because TRL is measured with its Trainer too: each framework's per-step overhead is part of it.)
-  A subclass (BenchModule) adds what is not wired into the module yet: the fast-path switches
-  (isdpo.logprobs.batch_logps), fused AdamW, and gradients freed right after the optimizer step
-  (Lightning frees them only after the NEXT step's forward, so a copy of the gradients would sit
-  through every forward: +12% peak memory on SmolLM2). Otherwise it IS PreferenceModule.
+  The fast-path switches (isdpo.logprobs.batch_logps, fused AdamW) are PreferenceModule's own
+  arguments, and the module frees gradients right after the optimizer step (Lightning frees them
+  only after the NEXT step's forward: +12% peak memory on SmolLM2 otherwise).
 - TRL 1.16: DPOTrainer (loss_type sigmoid = DPO) on the same text, tokenised by TRL itself (the
   bench checks that TRL's token ids equal isdpo's), the same batch size, the same batch order
   (a fixed pre-shuffled order on both sides: TRL's sampler is replaced by a sequential one).
   Both sides report the same mean training loss (to 6 digits) at equal settings.
 
 Equal settings on both sides: fp32 weights and compute, no gradient checkpointing, fused AdamW
-(TRL's default optimizer; isdpo's build_optimizer makes a plain AdamW today, so BenchModule swaps
-in the fused one; "-plainadam" ablations run both sides with the plain one), lr 1e-6, constant
+(TRL's default optimizer; isdpo's task.train.fused_adamw; "-plainadam" ablations run both sides
+with the plain one), lr 1e-6, constant
 schedule, gradient clipping at 1.0, no dropout, beta 0.1, the same threads. TRL's shipped
 defaults also turn on bf16 autocast and gradient checkpointing; both are off here (as in isdpo's
 CPU hardware config): ``--extras`` adds TRL exactly as shipped.
@@ -401,33 +400,8 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
     from isdpo.ref_cache import add_reference_logps
     from isdpo.trainer import build_trainer
 
-    class BenchModule(PreferenceModule):
-        """PreferenceModule + the fast-path switches (to be wired into the module itself)."""
-
-        def __init__(self, *a, concatenated=True, fused_adam=False, **kw):
-            super().__init__(*a, **kw)
-            self.concatenated, self.fused_adam = concatenated, fused_adam
-
-        def logps(self, model, batch):
-            return batch_logps(model, batch, response_only=self.response_only, concatenated=self.concatenated)
-
-        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-            # Lightning zeroes gradients inside the NEXT step's closure, after its forward: the old
-            # gradients (one copy of the weights) would sit in memory through the next forward's
-            # activations. Freed here, right after the step (as Hugging Face's Trainer does).
-            optimizer.zero_grad(set_to_none=True)
-
-        def configure_optimizers(self):
-            cfg = super().configure_optimizers()
-            if self.fused_adam:
-                old = cfg["optimizer"]
-                new = torch.optim.AdamW(old.param_groups[0]["params"], lr=self.lr, weight_decay=self.weight_decay,
-                                        fused=True)
-                cfg["optimizer"] = new
-                cfg["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(
-                    new, cfg["lr_scheduler"]["scheduler"].lr_lambdas[0])
-            return cfg
+    def BenchModule(*a, fused_adam=False, **kw):  # noqa: N802 - stage=align's module, bench's keyword
+        return PreferenceModule(*a, fused_adamw=fused_adam, **kw)
 
     class Timer(L.Callback):
         def __init__(self):
