@@ -8,6 +8,7 @@ sweep reuses it.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -101,7 +102,7 @@ def run_sft(cfg, fast_dev_run: bool = False) -> Path:
                                 run_dir=tmp, logger=False, callbacks=[], fast_dev_run=fast_dev_run)
         trainer.fit(module, loader)
         model.save_pretrained(tmp / "model")
-        (tmp / "lightning_logs").exists() and __import__("shutil").rmtree(tmp / "lightning_logs")
+        shutil.rmtree(tmp / "lightning_logs", ignore_errors=True)
 
     path, hit = cached_dir(cfg.paths.cache_dir, "sft", key, build)
     print(f"[isdpo] SFT reference {'reused from cache' if hit else 'trained'}: {path}")
