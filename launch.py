@@ -7,6 +7,7 @@ import logging
 import os
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from isdpo.resolvers import register as register_resolvers
@@ -25,7 +26,7 @@ def main(cfg: DictConfig):
     from isdpo.config import validate
     from isdpo.stages import run_stage
 
-    validate(cfg)
+    validate(cfg, overrides=HydraConfig.get().overrides.task)
     result = run_stage(cfg)
     if isinstance(result, dict) and result.get("final"):
         f, p = result["final"], result["peak"]

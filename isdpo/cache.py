@@ -1,22 +1,54 @@
 """A content-addressed cache for artefacts that many runs share (SFT references, preference sets).
 
 Entries live at ``<cache_dir>/<kind>/<hash>/`` where the hash is of the config
-that produced them, so the jobs of a sweep reuse one reference instead of
-retraining it. Building is guarded by a file lock (parallel SLURM jobs on a
-shared file system build once, the others wait) and published by an atomic
-rename (a crash never leaves a half-written entry that looks complete).
+that produced them (and the bytes of every local data file read: :func:`data_key`),
+so the jobs of a sweep reuse one reference instead of retraining it.
+
+One mechanism, :func:`build_once`, builds every entry (``cached_dir`` here, and
+``isdpo.reward.publish`` for the golden RM and the relabelled set):
+
+- parallel jobs build once: the builder holds a file lock, the others wait on it;
+- the ranks of one data-parallel job never wait on that lock for each other (rank 0
+  may hold it while waiting for the others inside ``fit``). A COLLECTIVE build (a
+  training run: every rank must enter ``fit``) runs on every rank and rank 0 publishes;
+  a SINGLE-PROCESS build (sampling, scoring) runs on rank 0 while the other ranks poll
+  for the published entry (``ISDPO_CACHE_WAIT_S``, default 2 h);
+- an entry is built in a ``.tmp-*`` sibling and renamed into place (atomic), with a
+  ``manifest.json`` of its file sizes: a truncated or deleted file is found on load and
+  the entry is rebuilt;
+- a ``.tmp-*`` left by a killed build is removed by the next run that asks for the same entry
+  (its builder's pid is gone on this host, or its heartbeat stopped ``ISDPO_CACHE_ORPHAN_S``
+  ago, default 10 min; a live build of a parallel job keeps beating).
+
+Ranks are known from the launcher's environment before any process group exists
+(:func:`rank_world`): torchrun, SLURM srun, and Lightning's own launcher, which starts
+the other ranks as copies of the command when rank 0 first calls ``fit``.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
+
+import torch.distributed as dist
+
+# Part of every key: bump it when the code that builds an entry changes what it builds.
+CACHE_VERSION = 2
+MANIFEST = "manifest.json"
+BUILDER = ".builder.json"  # inside a .tmp-* directory: who builds it (host, pid), touched as a heartbeat
+WAIT_ENV, ORPHAN_ENV = "ISDPO_CACHE_WAIT_S", "ISDPO_CACHE_ORPHAN_S"
+HEARTBEAT_S = 30.0
+POLL_S = 1.0
 
 
 def config_hash(obj: Any, length: int = 12) -> str:
@@ -26,43 +58,292 @@ def config_hash(obj: Any, length: int = 12) -> str:
 
 
 @contextmanager
-def file_lock(path: Path):
+def file_lock(path: Path, *, blocking: bool = True):
+    """Exclusive flock on ``path``; yields whether it is held (always True when ``blocking``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-# Part of every key: bump it when the code that builds an entry changes what it builds.
-CACHE_VERSION = 2
+# --------------------------------------------------------------------------------------------
+# Ranks
+# --------------------------------------------------------------------------------------------
 
 
-def cached_dir(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path], None]) -> tuple[Path, bool]:
+def rank_world() -> tuple[int, int]:
+    """Global rank and world size of this process: the process group's once it exists, before that the
+    launcher's environment (torchrun: RANK/WORLD_SIZE; Lightning's launcher: LOCAL_RANK/NODE_RANK/
+    WORLD_SIZE in the ranks it starts, and in rank 0 once it has started them; srun: SLURM_PROCID/
+    SLURM_NTASKS). Exact for rank 0; another rank of a multi-node Lightning launch gets some rank > 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    env = os.environ
+    node = int(env.get("NODE_RANK") or 0)
+    if env.get("RANK") and env.get("WORLD_SIZE"):
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if env.get("LOCAL_RANK") and env.get("WORLD_SIZE"):
+        local = int(env["LOCAL_RANK"])
+        return local + node * int(env.get("LOCAL_WORLD_SIZE") or 1), int(env["WORLD_SIZE"])
+    if env.get("SLURM_PROCID") and env.get("SLURM_NTASKS"):
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    if node > 0:  # a later node of a Lightning launch before its processes start: not rank 0
+        return node, node + 1
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: data content
+# --------------------------------------------------------------------------------------------
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, memoised per (path, size, mtime) in this process."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    memo = (str(p), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def data_key(spec: Mapping[str, Any], splits: Sequence[str]) -> dict:
+    """What a data source's ``splits`` hold, for cache keys: the sha256 of each local file read
+    (``data_files``: one path for every split, or a {split: path} mapping), or for a hub data set its
+    name and ``revision`` ("unpinned" when none is configured: a new hub revision is then not seen)."""
+    files = spec.get("data_files")
+    if files is None:
+        return {"dataset": spec.get("dataset"), "revision": spec.get("revision") or "unpinned"}
+    out = {}
+    for split in splits:
+        f = files if isinstance(files, (str, os.PathLike)) else files.get(split)
+        if f is None:
+            raise ValueError(f"data_files has no file for split {split!r} (it has: {', '.join(files) or 'none'})")
+        p = Path(f).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"data file {str(p)!r} (split {split!r}) does not exist")
+        out[split] = file_digest(p)
+    return {"sha256": out}
+
+
+# --------------------------------------------------------------------------------------------
+# Entries: completeness, orphans
+# --------------------------------------------------------------------------------------------
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: the size of every file of the entry (read back by :func:`entry_problem`)."""
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name not in (MANIFEST, BUILDER)}
+    (directory / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1, sort_keys=True))
+
+
+def entry_problem(directory: Path) -> str | None:
+    """None when the entry is complete; else what is wrong (a file missing or of another size).
+    An entry without a manifest (written before manifests existed, or elsewhere) is taken as complete."""
+    f = Path(directory) / MANIFEST
+    if not f.exists():
+        return None
+    try:
+        sizes = json.loads(f.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"{MANIFEST} unreadable ({err})"
+    for name, size in sizes.items():
+        p = Path(directory) / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes, {size} when written"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _orphan(tmp: Path, max_age: float) -> bool:
+    """A temporary build directory whose builder is gone: its pid is dead on this host, or its heartbeat
+    (the builder file's mtime; the directory's when there is none) is older than ``max_age`` seconds."""
+    f = tmp / BUILDER
+    try:
+        who = json.loads(f.read_text())
+        if who.get("host") == socket.gethostname() and not _alive(int(who["pid"])):
+            return True
+        return time.time() - f.stat().st_mtime > max_age
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            return time.time() - tmp.stat().st_mtime > max_age
+        except OSError:
+            return False
+
+
+def clean_orphans(final: Path) -> list[Path]:
+    """Remove the ``.tmp-<name>-*`` siblings of ``final`` left by killed builds; returns them."""
+    max_age = float(os.environ.get(ORPHAN_ENV, 600))
+    removed = [t for t in final.parent.glob(f".tmp-{final.name}-*") if t.is_dir() and _orphan(t, max_age)]
+    for t in removed:
+        shutil.rmtree(t, ignore_errors=True)
+    if removed:
+        print(f"[isdpo] removed {len(removed)} unfinished build(s) of {final} left by killed runs: "
+              + ", ".join(t.name for t in removed))
+    return removed
+
+
+@contextmanager
+def _builder(tmp: Path):
+    """Record this process as ``tmp``'s builder and touch the record every HEARTBEAT_S while building."""
+    f = tmp / BUILDER
+    f.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(f)
+
+    thread = threading.Thread(target=beat, daemon=True, name="isdpo-cache-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _install(tmp: Path, final: Path, usable: Callable[[Path], bool]) -> None:
+    """Rename ``tmp`` to ``final``, first moving away an unusable entry there (a stub, a broken one);
+    a usable one published meanwhile by another job wins and ``tmp`` is dropped."""
+    if final.exists():
+        if usable(final):
+            return
+        old = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not usable(final):  # not a concurrent publish: a real error
+            raise
+
+
+def wait_for(final: Path, usable: Callable[[Path], bool], what: str) -> None:
+    """Poll until rank 0 has published a usable ``final`` (timeout ``ISDPO_CACHE_WAIT_S``, default 7200 s)."""
+    timeout = float(os.environ.get(WAIT_ENV, 7200))
+    rank = rank_world()[0]
+    parent = os.getppid()
+    print(f"[isdpo] rank {rank}: waiting for rank 0 to publish the {what} at {final} "
+          f"(timeout {timeout:.0f} s, {WAIT_ENV})", flush=True)
+    deadline = time.monotonic() + timeout
+    while not (final.exists() and usable(final)):
+        if os.getppid() != parent:  # Lightning's launcher starts the other ranks as children of rank 0
+            raise RuntimeError(f"rank {rank}: the process that started this rank exited while this rank waited "
+                               f"for the {what} at {final}; see rank 0's log for its error")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: the {what} did not appear at {final} within {timeout:.0f} s; rank 0 "
+                               f"builds it: see rank 0's log, or raise {WAIT_ENV} (seconds) if it is only slow")
+        time.sleep(POLL_S)
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build_once(final: str | Path, build: Callable[[Path], Any], *, collective: bool, what: str,
+               usable: Callable[[Path], bool] | None = None,
+               finish: Callable[[Path, Any], None] | None = None) -> tuple[Path, bool]:
+    """Return ``(final, hit)``, building the entry if there is no usable one.
+
+    ``build(tmp)`` writes into a fresh temporary directory; on rank 0, ``finish(tmp, result)`` then
+    adds its records (key.json, meta.json), a manifest is written and ``tmp`` is renamed to ``final``.
+    ``collective``: every rank runs ``build`` (it trains with them); otherwise only rank 0 does and the
+    other ranks wait for the entry. ``usable(final)`` (default: complete per its manifest) says whether
+    an existing entry is reused.
+    """
+    final = Path(final)
+    rank, world = rank_world()
+
+    def ok(path: Path) -> bool:
+        return entry_problem(path) is None and (usable is None or usable(path))
+
+    if rank == 0 and final.parent.is_dir():
+        clean_orphans(final)  # only builds whose builder is gone: never a live build of a parallel job
+    if final.exists():
+        if ok(final):
+            return final, True
+        problem = entry_problem(final)
+        if problem:
+            print(f"[isdpo] the {what} at {final} is incomplete ({problem}); rebuilding it")
+    if world > 1 and rank != 0 and not collective:
+        wait_for(final, ok, what)
+        return final, True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.parent / f".{final.name}.lock"
+    if world == 1:
+        lock = file_lock(lock_path)  # parallel jobs build once
+    elif rank == 0:
+        # The other ranks of this job never take the lock. A collective rank 0 must not block on it
+        # either (the others would wait for it inside fit): if another job builds, build a copy.
+        lock = file_lock(lock_path, blocking=not collective)
+    else:
+        lock = contextlib.nullcontext(False)
+    with lock as held:
+        if held and ok(final):
+            return final, True
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            with _builder(tmp):
+                result = build(tmp)
+            if rank == 0:
+                (tmp / BUILDER).unlink(missing_ok=True)
+                if finish is not None:
+                    finish(tmp, result)
+                write_manifest(tmp)
+                _install(tmp, final, ok)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if rank != 0:
+        wait_for(final, ok, what)
+    return final, False
+
+
+def cached_dir(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path], None], *,
+               collective: bool = False) -> tuple[Path, bool]:
     """Return ``(path, hit)`` of the entry for ``key``, calling ``build(tmp_dir)`` on a miss.
 
     ``build`` writes into a fresh temporary directory which is renamed into
     place only after it returns; ``key.json`` beside the files records what the
-    hash is of.
+    hash is of. ``collective=True`` for a build that trains on every data-parallel rank.
     """
-    root = Path(cache_dir) / kind
     key = {"cache_version": CACHE_VERSION, "key": key}
-    digest = config_hash(key)
-    final = root / digest
-    if final.exists():
-        return final, True
-    with file_lock(root / f".{digest}.lock"):
-        if final.exists():
-            return final, True
-        tmp = root / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            build(tmp)
-            (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final, False
+    final = Path(cache_dir) / kind / config_hash(key)
+
+    def usable(path: Path) -> bool:  # key.json is written last: without it the entry is not whole
+        return (path / "key.json").is_file()
+
+    def finish(tmp: Path, _result: Any) -> None:
+        (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
+
+    return build_once(final, build, collective=collective, what=f"{kind} cache entry", usable=usable, finish=finish)

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 
 from isdpo.evaluate import Evaluator
+from isdpo.module import NonFiniteError, nonfinite_tensors
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -35,7 +36,19 @@ class EvalCallback(L.Callback):
         if self.last_step == step or not trainer.is_global_zero:
             return
         self.last_step = step
-        res = self.evaluator(pl_module.policy)
+        try:
+            res = self.evaluator(pl_module.policy)
+        except RuntimeError as err:
+            # torch.multinomial's "probability tensor contains either `inf`, `nan` or element < 0".
+            if "inf" not in str(err) or "nan" not in str(err):
+                raise
+            bad = nonfinite_tensors(dict(pl_module.policy.named_parameters()))
+            why = (f"{len(bad)} parameter tensor(s) hold NaN/inf, e.g. {bad[0]}" if bad else "largest |weight| = "
+                   f"{max(float(p.detach().abs().max()) for p in pl_module.policy.parameters()):.3g}")
+            raise NonFiniteError(
+                f"evaluation at step {step}: the policy's next-token probabilities are not finite ({why}): the "
+                "weights diverged. Lower task.train.lr and/or set task.train.gradient_clip_val."
+            ) from err
         res.pop("samples", None)
         row = {"step": step, "epoch": trainer.current_epoch, **res}
         with self.metrics_path.open("a") as fh:

@@ -1,9 +1,9 @@
 """Evaluation: golden win rate and KL(pi_theta || pi_ref) of the policy's own samples.
 
-The paper's protocol (PAPER.md §5): sample completions from the policy
-(temperature 0.7, top-p 0.95), compare each with the reference completion of
-the same prompt by golden reward (ties count half), and estimate the sequence
-KL with Schulman's k3 estimator on samples of the policy.
+The paper's protocol (arXiv 2506.08681, appendix D; docs/method.md): sample
+completions from the policy (temperature 0.7, top-p 0.95), compare each with the
+reference completion of the same prompt by golden reward (ties count half), and
+estimate the sequence KL with Schulman's k3 estimator on samples of the policy.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ Alignment Algorithms with Importance Sampling", arXiv 2506.08681) is one composa
     L      = mean over the batch of stopgrad(w_clip) * f
 
 Options that are NOT the paper's are labelled as such where they appear (``weight="token_mean"``,
-``lower_log_clip``, ``self_normalize``).
+``lower_log_clip``, ``self_normalize``). Derivations and the paper's protocol: docs/method.md.
 
 Numerics: inputs in bf16/fp16/fp32 are computed in fp32 and float64 stays float64 (for
 ``torch.autograd.gradcheck``); with the default clips, sequence log-ratios of +-1e4 give finite
@@ -106,7 +106,7 @@ class LossOutput:
         for reference-free losses beta * log pi / |y| (SimPO's reward).
     metrics: detached scalars (see :meth:`DAALoss.__call__`).
     weights: [B] detached weight that multiplied f (after clipping and normalisation), or None
-        without importance sampling. (Addition to the agreed API; optional, defaults to None.)
+        without importance sampling.
     """
 
     loss: Tensor
@@ -283,17 +283,14 @@ def slic_loss(logps: PairLogps, beta: float):
 
 @_register("rpo")
 def rpo_loss(logps: PairLogps, beta: float, *, eta: float = 0.005):
-    """RPO: DPO plus a likelihood (SFT) term on the chosen response, as the IS-DAA paper
-    (arXiv 2506.08681, baselines) states it::
+    """RPO: DPO plus an SFT term on the chosen response (IS-DAA paper's baseline, arXiv 2506.08681
+    section 5; the form of Liu et al. 2024, arXiv 2405.16436)::
 
         f = -log sigmoid(beta * rho) - beta * eta * log pi(y_w|x)         (eta = 0.005)
 
-    with log pi(y_w|x) summed over tokens. Provenance: the brief cites Pang et al. 2024
-    ("Iterative Reasoning Preference Optimization", arXiv 2404.19733), whose loss adds a
-    *length-normalised* NLL with weight alpha (= 1) and no beta factor (TRL's ``rpo_alpha``).
-    The beta*eta-weighted, summed form above is the one of Liu et al. 2024 ("Provably
-    Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial
-    Regularizer", arXiv 2405.16436), who also call their method RPO.
+    with log pi(y_w|x) summed over tokens. Pang et al. 2024 (arXiv 2404.19733, TRL's
+    ``rpo_alpha``) use a length-normalised NLL without the beta factor instead; see
+    docs/method.md#rpo.
     """
     lp = _prepare(logps, "rpo")
     u = beta * ((lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected))
@@ -311,13 +308,10 @@ def chipo_loss(logps: PairLogps, beta: float, *, log_ratio_clip: float | None = 
 
         f = -log sigmoid(beta * [(r_w - r_l) + exp(min(r_w, c)) - exp(min(r_l, c))])
 
-    ``c = log_ratio_clip`` (default 10, cap e^10 ~ 2.2e4 on each ratio) is this library's
-    stability clip: fp32 exp overflows at r ~ 88 and inf - inf is nan, so each log-ratio is
-    capped before exp. Above the cap the exp term is constant (zero gradient) and only the
-    DPO-like log term acts; when it is r_w that is capped the log-sigmoid is typically
-    saturated already (beta * e^10 is ~220 at beta = 0.01). ``null`` disables the cap (then |r| > 88 in fp32 can give nan).
-    Huang et al.'s algorithm instead clips the whole argument to [-2 R_max, 2 R_max] for its
-    guarantees; that clip is not implemented here.
+    ``c = log_ratio_clip`` (default 10) caps each log-ratio before exp, for stability (fp32 exp
+    overflows near r = 88 and inf - inf is nan); above it the exp term is constant and only the
+    log term acts. ``null`` disables the cap. Huang et al.'s own clip of the whole argument to
+    [-2 R_max, 2 R_max] is not implemented. See docs/method.md#chi-po.
     """
     lp = _prepare(logps, "chipo")
     r_w = lp.policy_chosen - lp.ref_chosen
@@ -337,17 +331,9 @@ def rdpo_loss(logps: PairLogps, beta: float, *, alpha: float = 0.01):
 
         f = -log sigmoid(beta * rho + alpha * (|y_w| - |y_l|))          (alpha = 0.01)
 
-    SIGN - read before comparing with other code. The project's PAPER.md (section 4) writes
-    R-DPO as ``beta*rho - alpha*(|y_w| - |y_l|)`` and says the IS-DAA paper's released code has
-    the opposite sign (adds the term). This implementation ADDS it (the sign PAPER.md ascribes
-    to the released code), because that is what Park et al.'s construction gives: they maximise E[r(x,y)] - alpha*|y| - beta*KL, whose optimum has
-    r = beta*log(pi/pi_ref) + alpha*|y| + const, so the Bradley-Terry likelihood of the labels
-    is sigmoid(beta*rho + alpha*(|y_w| - |y_l|)). That sign is the regulariser: when the chosen
-    response is longer, the length term already explains part of the preference, the pair's
-    gradient is down-weighted and the policy learns less "longer is better" (Park et al.'s own
-    reading of the term); the other sign demands a larger margin exactly on long-chosen pairs
-    and amplifies length exploitation. Secondary sources disagree on the printed sign, so it
-    should be checked against the PDF; ``alpha < 0`` gives the other sign without code changes.
+    The "+" follows from Park et al.'s length-penalised objective (the IS-DAA paper's released
+    code adds it too): a longer chosen response already explains part of the label, so the pair
+    pushes less. ``alpha < 0`` gives the other sign. Derivation: docs/method.md#r-dpo.
     """
     lp = _prepare(logps, "rdpo")
     rho = (lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected)
@@ -471,11 +457,9 @@ def importance_weights(
         w_clip = exp(min(log w, log_clip))                    (one-sided, clipped before exp)
 
     mu is the behaviour policy: ``PairLogps.behavior_*`` when given, else the reference
-    (pairs sampled from pi_ref). With independent draws (y_w, y_l) ~ mu x mu and no clip,
-    E_mu[w f] = E_{pi x pi}[f] (the paper's Thm. 1: unbiased online DPO); the clip trades
-    bias for variance. Data sets that drop pairs with y_w == y_l sample mu x mu conditioned on
-    distinct responses, which rescales that expectation by 1/(1 - sum_y mu(y|x)^2) per prompt
-    (tests/test_loss_identities.py). The weight is detached: no gradient flows through it.
+    (pairs sampled from pi_ref). The weight is detached: no gradient flows through it. Without a
+    clip, E_mu[w f] = E_{pi x pi}[f] (the paper's Thm. 1, appendix B.1: unbiased online DPO);
+    the clip trades bias for variance. See docs/method.md#3-theory-and-the-tests-that-check-it.
 
     log_clip: cap on log w. Default 2.0 = the released run scripts (written there as 2*eps with
         eps = 1.0; the code's own default eps = 0.25 would give 0.5). ``None``: no clip

@@ -3,11 +3,17 @@
 Both wrap any Hugging Face causal LM. The preference module holds the trainable
 policy and a frozen reference (or reads precomputed reference log-probs from
 the batch); the loss itself lives in isdpo.losses, this module only wires it.
+Both stop with :class:`NonFiniteError` at the first non-finite loss or gradient
+norm, before the optimizer step applies it.
 """
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from isdpo.logprobs import batch_logps
 from isdpo.losses import DAALoss, PairLogps
@@ -15,8 +21,41 @@ from isdpo.models import freeze
 from isdpo.optim import build_optimizer
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss, gradient or parameter; the run stops instead of saving it."""
+
+
+def nonfinite_tensors(named: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``named`` holding a NaN or inf."""
+    return [k for k, v in named.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_parameters(named: Mapping[str, torch.Tensor], action: str, block: str = "task.train") -> None:
+    """Raise :class:`NonFiniteError` naming the parameters if any holds a NaN/inf.
+
+    ``action``: what is refused; ``block``: the config block whose ``lr`` the message says to lower.
+    """
+    bad = nonfinite_tensors(named)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(
+            f"refusing to {action}: {len(bad)} parameter tensor(s) hold non-finite values (NaN/inf): {shown}. "
+            f"The weights diverged; lower {block}.lr"
+            + (f" and/or set {block}.gradient_clip_val" if block == "task.train" else "")
+            + ", then rerun (resuming from an earlier checkpoint with the same settings diverges again)."
+        )
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
 class _LMModule(L.LightningModule):
     """Shared optimisation plumbing; the policy is the only thing checkpointed."""
+
+    # Config block of the stage's optimisation settings, named in error messages.
+    config_block = "task.train"
 
     def __init__(self, policy, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
                  schedule: str = "cosine", response_only: bool = True, concatenated: bool = True,
@@ -27,6 +66,9 @@ class _LMModule(L.LightningModule):
         self.response_only, self.concatenated, self.fused_adamw = response_only, concatenated, fused_adamw
         # The frozen reference is rebuilt from its own checkpoint: keep it out of ours.
         self.strict_loading = False
+        # Detached per-micro-batch scalars of the current accumulation window ("loss" first), checked
+        # once per optimizer step: one host sync per step instead of one per micro-batch.
+        self._window: list[dict[str, torch.Tensor]] = []
 
     def logps(self, model, batch):
         return batch_logps(model, batch, response_only=self.response_only, concatenated=self.concatenated)
@@ -43,8 +85,77 @@ class _LMModule(L.LightningModule):
         # in memory through every forward (measured: +12% peak on SmolLM2, bench/README.md).
         optimizer.zero_grad(set_to_none=True)
 
+    def record(self, loss: torch.Tensor, **diagnostics: torch.Tensor) -> None:
+        """Keep this micro-batch's loss (and what explains it) for the check before the optimizer step."""
+        self._window.append({"loss": loss.detach(), **{k: v.detach() for k, v in diagnostics.items()}})
+
+    def on_before_optimizer_step(self, optimizer):
+        # Called after the last backward of the accumulation window and before gradient clipping and
+        # the optimizer step (under fp16 also after unscaling).
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        # float32 throughout: MPS has no float64.
+        norm = (torch.nn.utils.get_total_norm(grads).float() if grads
+                else torch.zeros((), dtype=torch.float32, device=self.device))
+        window, self._window = self._window, []
+        losses = torch.stack([d["loss"].to(norm.device, torch.float32) for d in window]) if window else norm[None] * 0
+        bad = (~torch.isfinite(losses)).sum().float()
+        # fp16's loss scaler makes inf gradients on purpose and skips those steps itself.
+        grads_matter = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        others_bad = torch.zeros_like(bad)
+        if self.trainer.world_size > 1:
+            # Each rank raises on the same step, so none waits in a collective for a rank that stopped.
+            sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # each rank holds a shard of the grads
+            stats = torch.stack([norm.square() if sharded else torch.zeros_like(norm), bad])
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+            norm = stats[0].sqrt() if sharded else norm
+            others_bad = stats[1] - bad
+        lr = optimizer.param_groups[0]["lr"]
+        self.log("train/learning_rate", lr, on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        norm_v, bad_v, others_v = torch.stack([norm, bad, others_bad]).tolist()
+        if bad_v or others_v or (grads_matter and not math.isfinite(norm_v)):
+            raise NonFiniteError(self._nonfinite_message(window, lr, norm_v, others_v > 0))
+
+    def _nonfinite_message(self, window: list[dict[str, torch.Tensor]], lr: float, norm: float,
+                           other_rank: bool) -> str:
+        trainer, block = self.trainer, self.config_block
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        where = f"optimizer step {trainer.global_step + 1}" + (f" of {total}" if math.isfinite(total) else "")
+        if trainer.world_size > 1:
+            where += f" on rank {trainer.global_rank}"
+        rows = [{k: float(v) for k, v in d.items()} for d in window]
+        first_bad = next((i for i, r in enumerate(rows) if not math.isfinite(r["loss"])), None)
+        i = first_bad if first_bad is not None else len(rows) - 1
+        lines = [f"non-finite training at {where} (lr={lr:.4g}): "
+                 + (f"loss={_fmt(rows[i]['loss'])} in micro-batch {i + 1} of {len(rows)}"
+                    if first_bad is not None else f"loss finite in all {len(rows)} micro-batch(es)")
+                 + f", grad norm={_fmt(norm)} (before clipping)"
+                 + ("; another data-parallel rank had a non-finite loss" if other_rank else "")
+                 + ". The optimizer step was not applied."]
+        row = rows[i] if rows else {}
+        if "logps/policy_chosen" in row:
+            ref = (f", reference chosen/rejected={_fmt(row['logps/ref_chosen'])}/{_fmt(row['logps/ref_rejected'])}"
+                   if "logps/ref_chosen" in row else "")
+            lines.append(f"  mean log-probs of micro-batch {i + 1}: policy chosen/rejected="
+                         f"{_fmt(row['logps/policy_chosen'])}/{_fmt(row['logps/policy_rejected'])}{ref}")
+        is_stats = {k: v for k, v in row.items() if k.startswith("is/")}
+        if is_stats:
+            lines.append("  importance weights: " + ", ".join(f"{k}={_fmt(v)}" for k, v in is_stats.items()))
+        clip = trainer.gradient_clip_val
+        lines.append(
+            f"What to do: lower {block}.lr"
+            + (f", set {block}.gradient_clip_val (e.g. 1.0; now {'off' if not clip else clip})"
+               if block == "task.train" else "")
+            + ", and check the data"
+            + (" (NaN/inf precomputed or behaviour log-probs, empty responses)." if block == "task.train" else ".")
+        )
+        return "\n".join(lines)
+
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
+        # Every data-parallel rank builds the checkpoint (only rank zero writes it), so all stop together.
+        check_finite_parameters(checkpoint["state_dict"], f"checkpoint step {self.trainer.global_step}",
+                                self.config_block)
 
 
 class PreferenceModule(_LMModule):
@@ -61,9 +172,15 @@ class PreferenceModule(_LMModule):
         self.loss_fn = loss_fn
         # As TRL's DPOTrainer (disable_dropout=True): with dropout the policy's log-probs at step 0 would
         # differ from the reference's, so rho != 0 and the IS weight != 1 before any training.
+        # Attention dropout is no module but a float that HF attention layers (and some read it from the
+        # config at forward time) pass to the attention kernel.
         for module in self.policy.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+            for obj in (module, getattr(module, "config", None)):
+                for name, value in list(vars(obj).items()) if obj is not None else ():
+                    if "dropout" in name and isinstance(value, float):
+                        setattr(obj, name, 0.0)
 
     def pair_logps(self, batch) -> PairLogps:
         logps, lengths = self.logps(self.policy, batch)
@@ -83,7 +200,13 @@ class PreferenceModule(_LMModule):
         )
 
     def training_step(self, batch, batch_idx):
-        out = self.loss_fn(self.pair_logps(batch))
+        lp = self.pair_logps(batch)
+        out = self.loss_fn(lp)
+        refs = {} if lp.ref_chosen is None else {"logps/ref_chosen": lp.ref_chosen.float().mean(),
+                                                 "logps/ref_rejected": lp.ref_rejected.float().mean()}
+        self.record(out.loss, **{"logps/policy_chosen": lp.policy_chosen.float().mean(),
+                                 "logps/policy_rejected": lp.policy_rejected.float().mean()}, **refs,
+                    **{k: v for k, v in out.metrics.items() if k.startswith("is/")})
         n = out.losses.shape[0]  # pairs (a packed batch has fewer rows than 2B)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
         self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, batch_size=n)
@@ -93,8 +216,11 @@ class PreferenceModule(_LMModule):
 class SFTModule(_LMModule):
     """Supervised fine-tuning: mean token NLL of the response (the reference policy of the pipeline)."""
 
+    config_block = "task.sft"
+
     def training_step(self, batch, batch_idx):
         logps, n_tokens = self.logps(self.policy, batch)
         loss = -logps.sum() / n_tokens.sum().clamp(min=1)
+        self.record(loss)
         self.log("train/sft_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss

@@ -10,7 +10,8 @@ so one no-grad pass before training replaces a reference forward at every step o
 - the tokenizer's identity and the length settings;
 - the DATA: every pair's prompt/chosen/rejected token ids, in order;
 
-so all the jobs of a sweep (losses x betas x seeds) share one pass. Each example then carries
+so all the jobs of a sweep (losses x betas x seeds) share one pass (with several data-parallel
+ranks, rank 0 computes it and the others wait for the entry: isdpo.cache). Each example then carries
 ``chosen_ref_logp`` / ``rejected_ref_logp``, which isdpo.module.PreferenceModule uses instead of
 a reference forward (the reference may then be None).
 

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from isdpo.cache import config_hash
+from isdpo.cache import config_hash, data_key
 from isdpo.data.collate import pad_sequences
 from isdpo.data.text import (as_plain, encode_prompts, fit_lengths, get_tokenizer, load_pairs, subsample,
                              tokenizer_source)
@@ -98,7 +98,9 @@ def data_spec(task_cfg: Mapping[str, Any]) -> dict:
 def relabel_key(task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], rm_meta: Mapping[str, Any],
                 reference_dir: Path | None) -> dict:
     rl = as_plain(task_cfg["relabel"])
-    key = {"data": data_spec(task_cfg), "split": task_cfg["splits"]["train"], "rm": rm_meta.get("build_id"),
+    split = task_cfg["splits"]["train"]
+    key = {"data": data_spec(task_cfg), "split": split, "rm": rm_meta.get("build_id"),
+           "content": data_key(task_cfg, [split]),  # the bytes of a local file, not only its path
            "relabel": {k: v for k, v in rl.items() if k not in ("path", "batch_size", "format")},
            "lengths": [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]}
     if rl["source"] == "generate":
@@ -260,6 +262,6 @@ def run_relabel_stage(cfg, fast_dev_run: bool = False) -> Path:
                                                               if isinstance(v, (int, float))))
         return stats
 
-    path, reused = publish(out, build, fast_dev_run=fast_dev_run, what="relabelled preferences")
+    path, reused = publish(out, build, fast_dev_run=fast_dev_run, what="relabelled preferences", collective=False)
     print(f"[isdpo] relabelled preferences {'reused' if reused else 'written'}: {path}")
     return path

@@ -7,13 +7,22 @@ A run is any folder under the sweep directory holding ``result.json``,
 write). Its loss, beta, seed and task come from ``result.json`` or else from
 ``.hydra/config.yaml`` (then ``.hydra/overrides.yaml``).
 
+Runs are told apart by their whole config (``.hydra/config.yaml``), not only by
+task/loss/beta/seed: the seeds of one configuration are averaged, and every
+setting that varies across the sweep (bookkeeping such as ``paths.*`` aside)
+becomes a table column and a legend label, e.g. ``loss.importance_sampling.log_clip``.
+A run without a readable config is identified by ``result.json`` alone (said in
+``report.md``). Of two completed runs with the same config and seed, the newer
+counts and the older is listed as a duplicate.
+
 Only completed runs (``result.json`` with status "completed" and a non-empty
 ``metrics.jsonl``) enter tables and figures; every other run is listed in
 ``report.md`` with the reason (no result.json, status != completed, empty
 metrics, unreadable files, duplicate of another run).
 
 Writes into ``--out`` (default ``<sweep dir>/report``): ``report.md``,
-``summary.csv`` (one row per task x loss x beta), ``runs.csv`` (one row per run,
+``summary.csv`` (one row per configuration: task x loss x beta x any other
+swept setting), ``runs.csv`` (one row per run,
 failed ones included) and per task ``overopt_<task>.png``,
 ``win_rate_vs_step_<task>.png``, ``kl_vs_step_<task>.png``.
 """
@@ -24,6 +33,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import threading
@@ -32,8 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml  # PyYAML, a dependency of omegaconf
+
 RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
     ".hydra/overrides.yaml"
+
+#: Top-level config keys that say where and under which name a run wrote, not what it computed: they never
+#: tell two runs apart.
+BOOKKEEPING = ("paths", "run_name", "experiment", "logger", "hydra", "stage")
+#: Config keys of the fixed table columns (task is the section); "seed" is what the table averages over.
+BASE_KEYS, SEED_KEY = ("task.name", "loss.name", "beta"), "seed"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -55,6 +73,12 @@ class Run:
     result: dict | None = None
     metrics: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    config: dict[str, Any] | None = None  # .hydra/config.yaml flattened ("a.b.c" -> value), as written
+    # Set by ``assign_variants`` (from the whole sweep): the swept settings shown for this run (key -> value),
+    # the values of every varying setting but the seed (what the tables group by), and the legend label.
+    variant: dict[str, Any] = field(default_factory=dict)
+    group: tuple = ()
+    series: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,7 +86,97 @@ class Run:
 
     @property
     def key(self) -> tuple:
-        return self.task, self.loss, self.beta, self.seed
+        """What the run computed: its config without bookkeeping (seed included); two equal keys are duplicates."""
+        if self.config is None:
+            return ("result.json", self.task, self.loss, self.beta, self.seed)
+        return tuple(sorted((k, _hashable(v)) for k, v in self.config.items() if not is_bookkeeping(k)))
+
+    @property
+    def label(self) -> str:
+        """Name of the run's configuration in legends: the loss, plus the swept settings when there are some."""
+        return self.series or str(self.loss)
+
+    @property
+    def variant_order(self) -> tuple:
+        return tuple(value_order(v) for v in self.variant.values())
+
+
+class _Marker:
+    """A variant value that is not a config value: the key is absent, or the run has no config at all."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+NOT_SET = _Marker("–")  # the key is not in this run's config
+UNKNOWN = _Marker("?")  # the run has no readable .hydra/config.yaml
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key.split(".")[0] in BOOKKEEPING
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def format_value(value) -> str:
+    """A config value as a table cell / legend text, spelled as in the config (null, true, 0.5)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def value_order(value) -> tuple:
+    """Sort key of config values of one setting: numbers ascending, then text, then null, then markers."""
+    if isinstance(value, _Marker):
+        return 3, 0.0, str(value)
+    if value is None:
+        return 2, 0.0, ""
+    if isinstance(value, (int, float)):
+        return 0, float(value), ""
+    return 1, 0.0, format_value(value)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b.c": leaf}; lists are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.\-]*)\}")
+
+
+def resolve(flat: dict[str, Any], key: str, _depth: int = 0):
+    """``flat[key]`` with its ``${other.key}`` interpolations replaced by the config's values where they can be.
+
+    Resolver calls (``${oc.env:...}``, ``${hydra:...}``) and unknown keys stay as written.
+    """
+    value = flat.get(key)
+    if not isinstance(value, str) or "${" not in value or _depth > 10:
+        return value
+    whole = _INTERPOLATION.fullmatch(value)
+    if whole and whole.group(1) in flat:  # "${seed}" takes the referenced value with its type
+        return resolve(flat, whole.group(1), _depth + 1)
+    return _INTERPOLATION.sub(
+        lambda m: format_value(resolve(flat, m.group(1), _depth + 1)) if m.group(1) in flat else m.group(0), value)
 
 
 def discover(root: Path, exclude: Path | None = None) -> list[Path]:
@@ -124,27 +238,43 @@ def _to_int(value) -> int | None:
         return None
 
 
-def _identity_from_hydra(folder: Path) -> dict:
-    """task, loss, beta, seed from .hydra/config.yaml, filled in from .hydra/overrides.yaml."""
-    import yaml
+def read_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The flattened .hydra/config.yaml of a run folder as written (interpolations unresolved), or (None, why)."""
+    path = folder / HYDRA_CONFIG
+    if not path.is_file():
+        return None, f"no {HYDRA_CONFIG}"
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        return None, f"{HYDRA_CONFIG} unreadable ({err.__class__.__name__})"
+    if not isinstance(cfg, dict):
+        return None, f"{HYDRA_CONFIG} is not a mapping"
+    return flatten(cfg), ""
 
+
+def _identity_from_hydra(folder: Path, config: dict[str, Any] | None) -> dict:
+    """task, loss, beta, seed from the flattened .hydra/config.yaml, filled in from .hydra/overrides.yaml."""
     ident: dict[str, Any] = {}
-    try:
-        cfg = yaml.safe_load((folder / HYDRA_CONFIG).read_text()) or {}
-        # Interpolations such as ${...} stay strings here; _to_float / _to_int turn them into None.
-        ident = {"task": (cfg.get("task") or {}).get("name"), "loss": (cfg.get("loss") or {}).get("name"),
-                 "beta": cfg.get("beta"), "seed": cfg.get("seed")}
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    try:
-        for item in yaml.safe_load((folder / HYDRA_OVERRIDES).read_text()) or []:
-            key, _, value = str(item).lstrip("+~").partition("=")
-            current = ident.get(key)
-            if key in ("task", "loss", "beta", "seed") and (current in (None, "") or "${" in str(current)):
-                ident[key] = value
-    except (OSError, yaml.YAMLError, TypeError):
-        pass
+    if config is not None:
+        # Unresolvable interpolations stay strings here; _to_float / _to_int turn them into None.
+        ident = {name: resolve(config, key) for name, key in
+                 (("task", "task.name"), ("loss", "loss.name"), ("beta", "beta"), ("seed", SEED_KEY))}
+    for key, value in read_overrides(folder):
+        current = ident.get(key)
+        if key in ("task", "loss", "beta", "seed") and (current in (None, "") or "${" in str(current)):
+            ident[key] = value
     return ident
+
+
+def read_overrides(folder: Path) -> list[tuple[str, str]]:
+    """(key, value) of each line of .hydra/overrides.yaml (``+``/``~`` prefixes dropped); [] when unreadable."""
+    try:
+        items = yaml.safe_load((folder / HYDRA_OVERRIDES).read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(items, list):
+        return []
+    return [(key, value) for key, _, value in (str(item).lstrip("+~").partition("=") for item in items)]
 
 
 def _age(seconds: float) -> str:
@@ -174,7 +304,11 @@ def load_run(folder: Path, root: Path) -> Run:
             result_error = f"result.json unreadable ({err.__class__.__name__}: {err})"
     run.result = result
 
-    ident = _identity_from_hydra(folder)
+    run.config, why = read_config(folder)
+    if run.config is None and result is not None:
+        run.notes.append(f"{why}: identified from result.json (task, loss, beta, seed) only; "
+                         "the swept settings it cannot show are ? in the tables")
+    ident = _identity_from_hydra(folder, run.config)
     src = result or {}
     run.task = src.get("task") or ident.get("task")
     run.loss = src.get("loss") or ident.get("loss")
@@ -215,16 +349,84 @@ def load_run(folder: Path, root: Path) -> Run:
 
 
 def load_sweep(root: Path, exclude: Path | None = None) -> list[Run]:
-    """All runs under ``root``; of two completed runs with the same task/loss/beta/seed the newer is kept."""
+    """All runs under ``root``, with their variants assigned; of two completed runs with the same config (seed
+    included) the newer is kept and the older marked duplicate, so a rerun is never averaged with itself."""
     root = Path(root)
     runs = [load_run(folder, root) for folder in discover(root, exclude)]
     newest: dict[tuple, Run] = {}
     for run in sorted((r for r in runs if r.ok), key=lambda r: (r.path / RESULT).stat().st_mtime):
         if run.key in newest:
             older = newest[run.key]
-            older.status, older.reason = "duplicate", f"same task/loss/beta/seed as {run.name} (newer, kept)"
+            same = "config (seed included)" if run.config is not None else "task/loss/beta/seed"
+            older.status, older.reason = "duplicate", f"same {same} as {run.name} (newer, kept)"
         newest[run.key] = run
+    assign_variants(runs)
     return runs
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value differs between the completed runs that have a config, except the seed,
+    bookkeeping and ``BASE_KEYS``: swept keys (overrides.yaml) first, then in config order.
+
+    Values are compared as written, interpolations unresolved: a setting derived from the seed
+    (``task.data_seed: ${seed}``) is then the same in every run and does not split the seeds.
+    """
+    configs = [r.config for r in runs if r.ok and r.config is not None]
+    keys: list[str] = []
+    for config in configs:
+        keys += [k for k in config if k not in keys]
+    varying = [k for k in keys if k != SEED_KEY and k not in BASE_KEYS and not is_bookkeeping(k)
+               and len({_hashable(c.get(k, NOT_SET)) for c in configs}) > 1]
+    swept = []
+    for run in runs:
+        swept += [k for k, _ in read_overrides(run.path) if k in varying and k not in swept]
+    return swept + [k for k in varying if k not in swept]
+
+
+def _value(run: Run, key: str):
+    """The setting as written (not resolved: grouping and display must agree, and ``${seed}`` differs by seed)."""
+    if run.config is None:
+        return UNKNOWN
+    return run.config.get(key, NOT_SET)
+
+
+def assign_variants(runs: list[Run]) -> list[str]:
+    """Set each run's ``group``, ``variant`` and ``series`` from the settings that vary across ``runs``.
+
+    ``group`` holds every varying setting (the tables group by it); ``variant`` only those needed to tell the
+    groups apart: a setting that follows from task/loss/beta and the settings already shown (the loss's own
+    parameters under ``loss=dpo,isdpo``) gets no column. Returns the keys of ``variant``.
+    """
+    varying = varying_keys(runs)
+    done = [r for r in runs if r.ok]
+    shown: list[str] = []
+    for key in varying:
+        seen: dict[tuple, Any] = {}
+        for run in done:
+            known = (run.task, run.loss, run.beta) + tuple(_hashable(_value(run, k)) for k in shown)
+            if seen.setdefault(known, _hashable(_value(run, key))) != _hashable(_value(run, key)):
+                shown.append(key)
+                break
+    names = short_names(shown)
+    for run in runs:
+        run.group = tuple(_hashable(_value(run, k)) for k in varying)
+        run.variant = {k: _value(run, k) for k in shown}
+        run.series = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in run.variant.items()])
+    return shown
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Shortest dotted suffix of each key that no other key ends with ("loss.importance_sampling.log_clip" ->
+    "log_clip"), for legends."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if not any(other != key and (other == name or other.endswith("." + name)) for other in keys):
+                break
+        names[key] = name
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,19 +458,22 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def summarise(runs: list[Run]) -> list[dict]:
-    """One row per (task, loss, beta) of the completed runs: seeds and mean/std/n of each ``RUN_QUANTITIES``."""
+    """One row per configuration (task, loss, beta and the other varying settings) of the completed runs: the
+    shown settings (``Run.variant``, as text), seeds and mean/std/n of each ``RUN_QUANTITIES``."""
     from isdpo.report_plots import loss_order
 
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.ok:
-            groups.setdefault((run.task or "", run.loss, run.beta), []).append(run)
+            groups.setdefault((run.task or "", run.loss, run.beta, run.group), []).append(run)
     order = loss_order([k[1] for k in groups])
     rows = []
-    for (task, loss, beta) in sorted(groups, key=lambda k: (k[0], k[2], order.index(k[1]))):
-        group = sorted(groups[(task, loss, beta)], key=lambda r: (r.seed is None, r.seed))
-        row: dict[str, Any] = {"task": task, "loss": loss, "beta": beta, "n_seeds": len(group),
-                               "seeds": " ".join(str(r.seed) for r in group)}
+    for k in sorted(groups, key=lambda k: (k[0], k[2], order.index(k[1]), groups[k][0].variant_order)):
+        task, loss, beta, _ = k
+        group = sorted(groups[k], key=lambda r: (r.seed is None, r.seed))
+        row: dict[str, Any] = {"task": task, "loss": loss, "beta": beta}
+        row.update({key: format_value(value) for key, value in group[0].variant.items()})
+        row.update({"n_seeds": len(group), "seeds": " ".join(str(r.seed) for r in group)})
         for col, (_, _, get) in RUN_QUANTITIES.items():
             values = [v for v in (get(r.result) for r in group) if v is not None]
             row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = mean_std(values)
@@ -282,22 +487,32 @@ def _cell(mean: float, std: float, fmt: str) -> str:
     return f"{mean:{fmt}}" + (f" ± {std:{fmt}}" if not math.isnan(std) else "")
 
 
+def setting_columns(rows: list[dict]) -> list[str]:
+    """The swept-setting columns of ``summarise`` rows (config keys such as ``loss.importance_sampling.log_clip``)."""
+    fixed = {"task", "loss", "beta", "n_seeds", "seeds"} | {f"{c}_{s}" for c in RUN_QUANTITIES
+                                                            for s in ("mean", "std", "n")}
+    return [k for k in (rows[0] if rows else {}) if k not in fixed]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """Markdown table of ``summarise`` rows of one task: mean ± std per quantity.
+    """Markdown table of ``summarise`` rows of one task: the swept settings that vary among these rows, then
+    mean ± std per quantity.
 
     The best final win rate at each beta is in bold.
     The judge column appears only when some run has a judge win rate; its cell
     names its own n when fewer seeds were judged than trained.
     """
+    settings = [k for k in setting_columns(rows) if len({r[k] for r in rows}) > 1]
     cols = [c for c in RUN_QUANTITIES if c != "judge_win_rate" or any(r["judge_win_rate_n"] for r in rows)]
-    header = ["loss", "β"] + [RUN_QUANTITIES[c][0] for c in cols] + ["n seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) + 1)) + "|"]
+    header = ["loss", "β"] + [f"`{k}`" for k in settings] + [RUN_QUANTITIES[c][0] for c in cols] + ["n seeds"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * (2 + len(settings)) + ["---:"] * (len(cols) + 1)) + "|"]
     best = {}
     for r in rows:
         if not math.isnan(r["final_win_rate_mean"]):
             best[r["beta"]] = max(best.get(r["beta"], -math.inf), r["final_win_rate_mean"])
     for r in rows:
-        cells = [f"`{r['loss']}`", f"{r['beta']:g}"]
+        cells = [f"`{r['loss']}`", f"{r['beta']:g}"] + [_md_escape(r[k]) for k in settings]
         for c in cols:
             text = _cell(r[f"{c}_mean"], r[f"{c}_std"], RUN_QUANTITIES[c][1])
             if c == "final_win_rate" and len(best) and r["final_win_rate_mean"] == best.get(r["beta"]) \
@@ -324,11 +539,12 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def run_rows(runs: list[Run]) -> list[dict]:
-    """One CSV row per run (failed ones included): identity, status, reason and the per-run quantities."""
+    """One CSV row per run (failed ones included): identity, shown settings, status, reason, per-run quantities."""
     rows = []
     for run in runs:
-        row = {"folder": run.name, "task": run.task, "loss": run.loss, "beta": run.beta, "seed": run.seed,
-               "status": run.status, "reason": run.reason, "n_eval_points": len(run.metrics)}
+        row = {"folder": run.name, "task": run.task, "loss": run.loss, "beta": run.beta, "seed": run.seed}
+        row.update({key: format_value(value) for key, value in run.variant.items()})
+        row.update({"status": run.status, "reason": run.reason, "n_eval_points": len(run.metrics)})
         for col, (_, _, get) in RUN_QUANTITIES.items():
             try:
                 row[col] = get(run.result) if run.ok else None
@@ -410,10 +626,10 @@ def wandb_markdown(project: str, rows: list[dict], error: str | None) -> str:
 
 def make_figures(runs: list[Run], out: Path, show_seeds: bool = True) -> dict[str, list[tuple[Path, str]]]:
     """Draw and save every figure of ``report_plots.FIGURES`` per task; returns task -> [(png, caption)]."""
-    from isdpo.report_plots import FIGURES, loss_colours, save_figure
+    from isdpo.report_plots import FIGURES, save_figure, series_colours
 
     done = [r for r in runs if r.ok]
-    colours = loss_colours([r.loss for r in done])  # one mapping for all tasks and figures
+    colours = series_colours(done)  # one mapping for all tasks and figures
     pngs: dict[str, list[tuple[Path, str]]] = {}
     for task in sorted({r.task or "" for r in done}):
         task_runs = [r for r in done if (r.task or "") == task]
@@ -460,12 +676,15 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
           f"Runs: {len(runs)} found — " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".", ""]
     if counts["completed"] == 0:
         md += ["**No completed run: no table and no figure.**", ""]
+    settings_note = (" Columns in `code` are the settings, besides loss, β and seed, that differ between runs "
+                     "(from `.hydra/config.yaml`, as written): one row per configuration; – = not in that run's "
+                     "config, ? = run without a config." if setting_columns(summary) else "")
     for task in sorted({row["task"] for row in summary}):
         md += [f"## Task `{task or '?'}`", "",
                "Mean ± sample standard deviation over seeds, from each run's `result.json` "
                "(final = last evaluation point, peak = evaluation point of highest golden win rate). "
                "Peak − final win rate is the over-optimization indicator: large means the policy got worse "
-               "after its best point. Bold: best final win rate at that β.", "",
+               "after its best point. Bold: best final win rate at that β." + settings_note, "",
                markdown_table([row for row in summary if row["task"] == task]), ""]
         for path, caption in pngs.get(task, []):
             md += [f"![{path.stem}]({path.name})", "", f"*{caption}*", ""]
@@ -494,7 +713,8 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
             log(f"[report] W&B: {len(rows)} runs")
         md.append(wandb_markdown(wandb_project, rows, error))
 
-    md += ["## Files", "", "- `summary.csv`: the tables above, one row per task × loss × β (mean, std, n)",
+    md += ["## Files", "", "- `summary.csv`: the tables above, one row per configuration: task × loss × β × "
+           "any other swept setting (mean, std, n over seeds)",
            "- `runs.csv`: one row per run folder, failed ones included", ""]
     report = out / "report.md"
     report.write_text("\n".join(md))

@@ -1,15 +1,17 @@
 """Figures of a sweep report: over-optimization curves and training curves, one panel per beta.
 
 Every function takes the completed runs of one task (``isdpo.report.Run``), a
-loss -> colour mapping (``loss_colours``, shared by all figures so a loss has the
-same colour everywhere) and returns the matplotlib ``Figure`` it drew, so callers
+series -> colour mapping (``series_colours``, shared by all figures so a series has
+the same colour everywhere) and returns the matplotlib ``Figure`` it drew, so callers
 (and the tests) can inspect axes and lines before or after saving it.
 
-What each panel holds, exactly:
+A series is one configuration within a panel, named by ``Run.label``: the loss, plus
+the other swept settings when the sweep varies more than loss, beta and seed (e.g.
+"isdpo, log_clip=0.5"). What each panel holds, exactly:
 
-- per loss, one thick line: the mean over seeds at each evaluation step common to
-  all seeds of that (loss, beta); its final point carries a marker;
-- per loss and seed, one thin line (only with ``show_seeds=True``);
+- per series, one thick line: the mean over seeds at each evaluation step common to
+  all seeds of that configuration; its final point carries a marker;
+- per series and seed, one thin line (only with ``show_seeds=True``);
 - win-rate figures only: one dashed horizontal line at 0.5 (the reference policy's
   win rate against itself).
 """
@@ -64,6 +66,24 @@ def loss_colours(losses: Sequence[str]) -> dict[str, str]:
     return colours
 
 
+def series_order(runs) -> list[str]:
+    """Labels of the runs' series: by loss (``loss_order``), then by the swept settings' values."""
+    first: dict[str, object] = {}
+    for run in runs:
+        first.setdefault(run.label, run)
+    order = loss_order([run.loss for run in first.values()])
+    return sorted(first, key=lambda label: (order.index(first[label].loss), first[label].variant_order, label))
+
+
+def series_colours(runs) -> dict[str, str]:
+    """A colour per series label: a bare known loss keeps its fixed colour, the others get spare colours in
+    ``series_order`` (so without swept settings this is ``loss_colours`` of the losses)."""
+    colours, spare = {}, iter(_SPARE_COLOURS * 4)
+    for label in series_order(runs):
+        colours[label] = KNOWN_LOSS_COLOURS.get(label) or next(spare)
+    return colours
+
+
 def figure_size(n_panels: int) -> tuple[float, float]:
     """(width, height) in inches of a figure with ``n_panels`` panels side by side."""
     return PANEL_WIDTH_IN * max(n_panels, 1), FIG_HEIGHT_IN
@@ -84,12 +104,12 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _by_beta_and_loss(runs) -> dict[float, dict[str, list]]:
+def _by_beta_and_series(runs) -> dict[float, dict[str, list]]:
     grouped: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        grouped[run.beta][run.loss].append(run)
-    for per_loss in grouped.values():
-        for group in per_loss.values():
+        grouped[run.beta][run.label].append(run)
+    for per_series in grouped.values():
+        for group in per_series.values():
             group.sort(key=lambda r: (r.seed is None, r.seed))
     return {beta: dict(grouped[beta]) for beta in sorted(grouped)}
 
@@ -114,14 +134,15 @@ def sqrt_kl(row: dict) -> float:
 
 def _panels(runs, colours, *, x_of, y_of, xlabel, ylabel, title, show_seeds, reference_y=None,
             sharey=False) -> Figure:
-    grouped = _by_beta_and_loss(runs)
+    grouped = _by_beta_and_series(runs)
+    order = series_order(runs)
     fig, axes = plt.subplots(1, max(len(grouped), 1), figsize=figure_size(len(grouped)), squeeze=False,
                              sharey=sharey, layout="constrained")
     axes = axes[0]
     drawn: list[str] = []
-    for ax, (beta, per_loss) in zip(axes, grouped.items()):
-        for loss in loss_order(per_loss):
-            group, colour = per_loss[loss], colours[loss]
+    for ax, (beta, per_series) in zip(axes, grouped.items()):
+        for label in [s for s in order if s in per_series]:
+            group, colour = per_series[label], colours[label]
             if show_seeds:
                 for run in group:
                     ax.plot([x_of(r) for r in run.metrics], [y_of(r) for r in run.metrics], color=colour,
@@ -130,14 +151,18 @@ def _panels(runs, colours, *, x_of, y_of, xlabel, ylabel, title, show_seeds, ref
             # The last point gets a marker: on the KL axis the curve can double back, so its end is not
             # otherwise obvious.
             ax.plot(xs, ys, color=colour, linewidth=2.0, marker="o", markersize=8, markeredgecolor="white",
-                    markeredgewidth=1.2, markevery=[len(xs) - 1] if xs else None, zorder=3, label=loss)
-            drawn += [loss] if loss not in drawn else []
+                    markeredgewidth=1.2, markevery=[len(xs) - 1] if xs else None, zorder=3, label=label)
+            drawn += [label] if label not in drawn else []
         if reference_y is not None:
             ax.axhline(reference_y, color="0.5", linestyle="--", linewidth=0.9, label="_reference")
-        counts = {loss: len(group) for loss, group in per_loss.items()}
-        seeds = (f"{next(iter(counts.values()))} seed{'s' if max(counts.values()) != 1 else ''} each"
-                 if len(set(counts.values())) == 1
-                 else "seeds: " + ", ".join(f"{loss} {counts[loss]}" for loss in loss_order(counts)))
+        counts = {label: len(group) for label, group in per_series.items()}
+        if len(set(counts.values())) == 1:
+            seeds = f"{next(iter(counts.values()))} seed{'s' if max(counts.values()) != 1 else ''} each"
+        elif any(label != run.loss for label, (run, *_) in per_series.items()):
+            # Labels with swept settings are too long to list in a panel title.
+            seeds = f"{min(counts.values())}–{max(counts.values())} seeds per configuration"
+        else:
+            seeds = "seeds: " + ", ".join(f"{label} {counts[label]}" for label in order if label in counts)
         ax.set_title(f"β = {beta:g}  ({seeds})", fontsize="medium")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -145,8 +170,8 @@ def _panels(runs, colours, *, x_of, y_of, xlabel, ylabel, title, show_seeds, ref
         ax.grid(alpha=0.3)
     # One legend for the figure, below the panels: the colours are the same in every panel (and figure), and
     # proxy artists (not added to any axes) explain the line styles.
-    handles = [Line2D([], [], color=colours[loss], linewidth=2.0, label=f"{loss} (mean over seeds)")
-               for loss in loss_order(drawn)]
+    handles = [Line2D([], [], color=colours[label], linewidth=2.0, label=f"{label} (mean over seeds)")
+               for label in order if label in drawn]
     if show_seeds:
         handles.append(Line2D([], [], color="0.4", linewidth=0.7, alpha=0.6, label="single seed"))
     handles.append(Line2D([], [], color="0.4", linestyle="none", marker="o", markersize=7,
@@ -154,14 +179,20 @@ def _panels(runs, colours, *, x_of, y_of, xlabel, ylabel, title, show_seeds, ref
     if reference_y is not None:
         handles.append(Line2D([], [], color="0.5", linestyle="--", linewidth=0.9,
                               label=f"reference policy ({reference_y:g})"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3 * max(len(grouped), 1)),
-               fontsize="small", frameon=False)
+    # As many columns as fit the figure's width: long series labels (swept settings) need fewer.
+    renderer = fig.canvas.get_renderer()
+    for ncols in range(min(len(handles), 3 * max(len(grouped), 1)), 0, -1):
+        legend = fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize="small",
+                            frameon=False)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
+            break
+        legend.remove()
     fig.suptitle(title, fontsize="large")
     return fig
 
 
 def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:
-    """Golden win rate against sqrt(KL(pi || pi_ref)), one panel per beta, one colour per loss."""
+    """Golden win rate against sqrt(KL(pi || pi_ref)), one panel per beta, one colour per series."""
     return _panels(runs, colours, x_of=sqrt_kl, y_of=lambda r: float(r["win_rate"]),
                    xlabel="√KL(π‖π_ref)  (k3 estimate)", ylabel="golden win rate vs reference",
                    title=f"Over-optimization: win rate against √KL{_task(task)}", show_seeds=show_seeds,
@@ -169,7 +200,7 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
 
 
 def plot_win_rate_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:
-    """Golden win rate against training step, one panel per beta, one colour per loss."""
+    """Golden win rate against training step, one panel per beta, one colour per series."""
     return _panels(runs, colours, x_of=lambda r: r["step"], y_of=lambda r: float(r["win_rate"]),
                    xlabel="training step", ylabel="golden win rate vs reference",
                    title=f"Golden win rate during training{_task(task)}", show_seeds=show_seeds,
@@ -177,7 +208,7 @@ def plot_win_rate_vs_step(runs, colours: dict[str, str], task: str = "", show_se
 
 
 def plot_kl_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:
-    """KL(pi || pi_ref) (k3 estimate) against training step, one panel per beta, one colour per loss."""
+    """KL(pi || pi_ref) (k3 estimate) against training step, one panel per beta, one colour per series."""
     return _panels(runs, colours, x_of=lambda r: r["step"], y_of=lambda r: float(r["kl"]),
                    xlabel="training step", ylabel="KL(π‖π_ref)  (k3 estimate, nats)",
                    title=f"KL to the reference during training{_task(task)}", show_seeds=show_seeds)

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from omegaconf import OmegaConf
 
 MAX_DIRNAME = 120  # well under the 255-byte file-name limit, with room for Hydra's own suffixes
+# `/` would nest folders, NUL and control characters are invalid or unreadable in a file name; `%` is the
+# escape character itself (so that escaping stays one-to-one: `a/b` -> `a%2Fb`, `a%2Fb` -> `a%252Fb`)
+UNSAFE = re.compile(r"[%/\x00-\x1f\x7f]")
 
 
 def gpus_per_node(accelerator, devices, cpu_value=None):
@@ -19,8 +23,10 @@ def cpus_per_task(num_workers, torch_threads):
 
 
 def run_dirname(override_dirname: str) -> str:
-    """The run folder's name: the job's overrides, or, past MAX_DIRNAME characters, their start plus a
-    hash of all of them (still deterministic from the overrides, so resume finds the folder)."""
+    """The run folder's name: the job's overrides with unsafe characters %-escaped (one path component), or,
+    past MAX_DIRNAME characters, their start plus a hash of all of them (still deterministic from the
+    overrides, so resume finds the folder)."""
+    override_dirname = UNSAFE.sub(lambda m: f"%{ord(m.group()):02X}", override_dirname)
     if len(override_dirname) <= MAX_DIRNAME:
         return override_dirname
     digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:12]

@@ -17,16 +17,14 @@ tokenizer under the tasks' truncation policy, so the policy and the RM may use d
 tokenizers.
 
 On disk (``task.reward.path``, or ``<cache_dir>/reward/<hash>`` keyed by the reward block, the
-SFT block when ``init_from_sft`` and the lengths): ``model/`` (weights + tokenizer),
-``meta.json`` (a build id, whether it was a fast_dev_run stub, validation accuracy, counts).
+SFT block when ``init_from_sft``, the lengths and the bytes of the local data files): ``model/`` (weights + tokenizer),
+``meta.json`` (a build id, whether it was a fast_dev_run stub, validation accuracy, counts),
+``manifest.json`` (the file sizes, checked on load: a truncated entry is rebuilt).
 A fast_dev_run stub is replaced by the next real run.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -38,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from isdpo.cache import config_hash, file_lock
+from isdpo.cache import build_once, config_hash, data_key, entry_problem
 from isdpo.data.collate import PreferenceCollator, pad_sequences
 from isdpo.data.text import (as_plain, encode_prompts, encode_responses, fit_lengths, get_tokenizer,
                              load_pairs, require_nonempty, subsample, tokenize_pairs)
+from isdpo.data.text_runtime import sft_data_key
 from isdpo.logprobs import position_ids_from_mask
 from isdpo.models import release_gguf_quantizer, torch_dtype
 from isdpo.module import _LMModule
@@ -238,68 +237,56 @@ def model_subdir(path: Path) -> Path:
 
 
 def check_complete(path: Path, what: str, stage: str) -> dict:
+    """The entry's meta; raises naming the path and the stage to run when it is absent or incomplete."""
     meta = read_meta(path)
     if meta is None:
         raise FileNotFoundError(f"no {what} at {path}: run {stage} first (or set its `path` in the task config)")
+    problem = entry_problem(path)
+    if problem:
+        raise FileNotFoundError(f"the {what} at {path} is incomplete ({problem}): rerun {stage} to rebuild it")
     return meta
 
 
-def _rank_world() -> tuple[int, int]:
-    """Global rank and world size of this process from the launcher's environment (before any process group)."""
-    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if os.environ.get(world):
-            return int(os.environ.get(rank, 0)), int(os.environ[world])
-    return 0, 1
-
-
-def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, what: str) -> tuple[Path, bool]:
+def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, what: str,
+            collective: bool = True) -> tuple[Path, bool]:
     """Build into a temporary sibling of ``path`` and rename it into place; ``(path, reused)``.
 
     A complete entry is reused, except a fast_dev_run stub when this run is a real one (then it is
-    rebuilt). ``build(tmp)`` returns the metadata written to ``meta.json`` (plus a build id).
-    One process: guarded by a file lock, so parallel jobs build once. Data-parallel ranks of one
-    job all build (training is collective) and only rank 0 publishes; no lock, which the other
-    ranks would otherwise wait on while rank 0 waits for them inside ``fit``.
+    rebuilt). ``build(tmp)`` returns the metadata written to ``meta.json`` (plus a build id) by rank 0.
+    ``collective``: the build trains on every data-parallel rank (the golden RM); otherwise rank 0
+    builds and the other ranks wait (isdpo.cache.build_once).
     """
     path = Path(path)
-    rank, world = _rank_world()
+    started: list[float] = []
 
-    def usable() -> bool:
-        meta = read_meta(path)
+    def timed(tmp: Path) -> dict:
+        started.append(time.time())
+        return build(tmp)
+
+    def usable(p: Path) -> bool:
+        meta = read_meta(p)
         return meta is not None and (fast_dev_run or not meta.get("fast_dev_run"))
 
-    if usable():
-        return path, True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = file_lock(path.parent / f".{path.name}.lock") if world == 1 else contextlib.nullcontext()
-    with lock:
-        if usable():
-            return path, True
-        tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
-            started = time.time()
-            meta = dict(build(tmp) or {})
-            if rank == 0:
-                meta.update({"build_id": uuid.uuid4().hex, "fast_dev_run": bool(fast_dev_run),
-                             "seconds": round(time.time() - started, 1), "what": what})
-                (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
-                if path.exists():  # a stub being replaced
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return path, False
+    def finish(tmp: Path, meta: dict | None) -> None:
+        meta = dict(meta or {})
+        meta.update({"build_id": uuid.uuid4().hex, "fast_dev_run": bool(fast_dev_run),
+                     "seconds": round(time.time() - started[0], 1), "what": what})
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+
+    return build_once(path, timed, collective=collective, what=what, usable=usable, finish=finish)
 
 
 def reward_key(task_cfg: Mapping[str, Any]) -> dict:
-    """What the golden RM depends on (no task name: TL;DR and HH share one RM when their blocks agree)."""
+    """What the golden RM depends on (no task name: TL;DR and HH share one RM when their blocks agree),
+    with the bytes of the local data files it reads (its sources', and the SFT set's when it starts from SFT)."""
     r = as_plain(task_cfg["reward"])
     key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "score_dtype", "val_check_interval")}
     key["lengths"] = [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]
+    key["content"] = {name: data_key(spec, [spec["train_split"], spec["val_split"]])
+                      for name, spec in r["sources"].items()}
     if r.get("init_from_sft"):
         key["sft"] = as_plain(task_cfg["sft"])
+        key["sft_content"] = sft_data_key(task_cfg["sft"])
     return key
 
 

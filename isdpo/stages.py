@@ -8,6 +8,7 @@ sweep reuses it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -18,7 +19,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from isdpo.cache import cached_dir, config_hash
+from isdpo.cache import cached_dir, config_hash, rank_world
 from isdpo.callbacks import EvalCallback, read_jsonl
 from isdpo.data.collate import PreferenceCollator, SFTCollator
 from isdpo.data.batching import LengthGroupedLoader, PackedPreferenceCollator
@@ -28,6 +29,7 @@ from isdpo.logprobs import compile_decoder
 from isdpo.losses import build_loss
 from isdpo.models import freeze, load_causal_lm
 from isdpo.module import PreferenceModule, SFTModule
+from isdpo.run_guard import check_checkpoint, check_identity, fit, run_folder_lock
 from isdpo.trainer import accumulation, build_logger, build_trainer
 
 # The frozen reference is in eval mode on purpose; Lightning warns about every such module.
@@ -83,6 +85,14 @@ def _finish(logger) -> None:
             print(f"[isdpo] warning: wandb.finish() failed: {err}")
 
 
+def sft_micro_batch(global_batch: int, hw) -> tuple[int, int]:
+    """(sequences per device per micro-batch, accumulation) keeping SFT's global batch fixed on every
+    hardware; ``hardware.sft_per_device_batch_size`` null = the whole per-device share (no accumulation)."""
+    world = int(hw.devices) * int(hw.num_nodes)
+    per_device = hw.get("sft_per_device_batch_size") or max(int(global_batch) // world, 1)
+    return int(per_device), accumulation(int(global_batch), int(per_device), int(hw.devices), int(hw.num_nodes))
+
+
 def run_sft(cfg, fast_dev_run: bool = False) -> Path:
     """Train (or fetch from the cache) the reference policy; returns its directory."""
     rt = task_runtime(cfg)
@@ -93,18 +103,26 @@ def run_sft(cfg, fast_dev_run: bool = False) -> Path:
         L.seed_everything(cfg.task.sft.seed, workers=True, verbose=False)
         model = load_causal_lm(cfg.model, vocab_size=rt.vocab_size)
         data = rt.sft_examples()
-        hw = cfg.hardware
-        loader = ResumableLoader(data, batch_size=cfg.task.sft.batch_size, seed=cfg.task.sft.seed,
+        hw, sft = cfg.hardware, cfg.task.sft
+        per_device, acc = sft_micro_batch(sft.batch_size, hw)
+        loader = ResumableLoader(data, batch_size=per_device, seed=sft.seed,
                                  collate_fn=SFTCollator(rt.pad_id), num_workers=hw.num_workers)
-        module = SFTModule(model, lr=cfg.task.sft.lr, weight_decay=cfg.task.sft.weight_decay,
-                           warmup_steps=cfg.task.sft.warmup_steps, schedule=cfg.task.sft.schedule)
-        trainer = build_trainer(hw, max_steps=-1, max_epochs=cfg.task.sft.epochs, accumulate=1,
-                                run_dir=tmp, logger=False, callbacks=[], fast_dev_run=fast_dev_run)
-        trainer.fit(module, loader)
-        model.save_pretrained(tmp / "model")
+        module = SFTModule(model, lr=sft.lr, weight_decay=sft.weight_decay,
+                           warmup_steps=sft.warmup_steps, schedule=sft.schedule)
+        logger = _logger(cfg, "sft")
+        try:
+            trainer = build_trainer(hw, max_steps=-1, max_epochs=sft.epochs, accumulate=acc,
+                                    run_dir=tmp, logger=logger, callbacks=[], fast_dev_run=fast_dev_run)
+            fit(trainer, module, loader)
+        finally:
+            _finish(logger)
+        if trainer.is_global_zero:
+            model.save_pretrained(tmp / "model")
+            if getattr(rt, "tokenizer", None) is not None:
+                rt.tokenizer.save_pretrained(tmp / "model")
         shutil.rmtree(tmp / "lightning_logs", ignore_errors=True)
 
-    path, hit = cached_dir(cfg.paths.cache_dir, "sft", key, build)
+    path, hit = cached_dir(cfg.paths.cache_dir, "sft", key, build, collective=True)
     print(f"[isdpo] SFT reference {'reused from cache' if hit else 'trained'}: {path}")
     return path
 
@@ -114,10 +132,25 @@ def _load_reference(cfg, ref_dir: Path):
     return rt, freeze(load_causal_lm(cfg.model, vocab_size=rt.vocab_size, path=str(ref_dir / "model")))
 
 
+def _resume_point(cfg, out: Path, fast_dev_run: bool) -> str | None:
+    """The checkpoint to resume from (checked readable and from a run with the same config), or None."""
+    ckpt = out / "checkpoints" / "last.ckpt"
+    resume = str(ckpt) if cfg.task.train.resume and ckpt.exists() and not fast_dev_run else None
+    if rank_world()[0] != 0 or fast_dev_run:
+        return resume
+    if resume:
+        check_checkpoint(ckpt)
+    check_identity(out, _container(cfg), resuming=resume is not None, replace=not cfg.task.train.resume)
+    if not resume:  # a fresh start: an earlier run's result must not outlive it
+        (out / "result.json").unlink(missing_ok=True)
+    return resume
+
+
 def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> dict:
     """Preference training with the configured loss; writes metrics.jsonl, the policy and result.json."""
-    ref_dir = ref_dir or run_sft(cfg, fast_dev_run=fast_dev_run)
     out = run_dir(cfg)
+    resume = _resume_point(cfg, out, fast_dev_run)  # before anything expensive: a mismatch stops here
+    ref_dir = ref_dir or run_sft(cfg, fast_dev_run=fast_dev_run)
     rt, reference = _load_reference(cfg, ref_dir)
     loss_fn = build_loss(cfg.loss.base, cfg.beta, _container(cfg.loss.params),
                          _container(cfg.loss.importance_sampling))
@@ -150,23 +183,23 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
     callbacks = [ThroughputMonitor(peak_flops=hw.get("peak_flops", "auto")),
                  EvalCallback(evaluator, metrics_path, cfg.task.eval.every_n_steps)]
     logger = _logger(cfg, "align")
-    ckpt = out / "checkpoints" / "last.ckpt"
     try:
         trainer = build_trainer(hw, max_steps=tr.max_steps, accumulate=acc, run_dir=out, logger=logger,
                                 callbacks=callbacks, gradient_clip_val=tr.gradient_clip_val,
                                 checkpoint_every_n_steps=0 if fast_dev_run else tr.checkpoint_every_n_steps,
                                 fast_dev_run=fast_dev_run, model=policy)
-        resume = str(ckpt) if tr.resume and ckpt.exists() and not fast_dev_run else None
         if resume:
             print(f"[isdpo] resuming from {resume}")
         started = time.time()
-        trainer.fit(module, loader, ckpt_path=resume)
+        fit(trainer, module, loader, ckpt_path=resume)
         if tr.checkpoint_every_n_steps > 0 and not fast_dev_run:
             # The final state too, so rerunning a finished job resumes at its end instead of retraining.
-            trainer.save_checkpoint(ckpt)
+            trainer.save_checkpoint(out / "checkpoints" / "last.ckpt")
         if not trainer.is_global_zero:  # other data-parallel ranks stop here; rank zero writes
             return {}
         policy.save_pretrained(out / "policy")
+        if getattr(rt, "tokenizer", None) is not None:  # policy/ loads with AutoTokenizer too
+            rt.tokenizer.save_pretrained(out / "policy")
         result = write_result(cfg, out, time.time() - started, ref_dir)
     finally:
         _finish(logger)
@@ -184,7 +217,9 @@ def write_result(cfg, out: Path, seconds: float, ref_dir: Path) -> dict:
         "final": final, "peak": peak, "n_eval_points": len(rows), "train_seconds": round(seconds, 1),
         "reference_dir": str(ref_dir), "output_dir": str(out),
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "result.json")
     return result
 
 
@@ -210,9 +245,15 @@ def run_evaluate(cfg, ref_dir: Path | None = None) -> dict:
 
 
 def run_stage(cfg, fast_dev_run: bool = False) -> Any:
-    stage = cfg.stage
+    """Run ``cfg.stage`` holding the run folder's lock (one process per folder at a time)."""
     if cfg.hardware.get("torch_threads"):
         torch.set_num_threads(int(cfg.hardware.torch_threads))
+    with run_folder_lock(run_dir(cfg)):
+        return _run_stage(cfg, fast_dev_run)
+
+
+def _run_stage(cfg, fast_dev_run: bool) -> Any:
+    stage = cfg.stage
     if stage == "sft":
         return run_sft(cfg, fast_dev_run=fast_dev_run)
     if stage == "reward":

@@ -1,29 +1,81 @@
 """Building the Lightning Trainer and logger from the config's hardware/train/logger blocks."""
 from __future__ import annotations
 
+import math
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from isdpo.data.loader import LoaderProgress
+from isdpo.module import check_finite_parameters
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<path>.tmp`` then renames: a job killed mid-write never leaves a truncated last.ckpt."""
+    """Writes ``<path>.tmp`` then renames: a job killed mid-write never leaves a truncated last.ckpt.
+
+    A checkpoint whose parameters hold NaN/inf is refused (NonFiniteError): resuming from it is useless
+    and it would replace the last good one.
+    """
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = str(path)
+        check_finite_parameters(checkpoint.get("state_dict", {}), f"write checkpoint {path}")
         if get_filesystem(path).protocol not in ("file", ("file", "local")) and "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
         tmp = f"{path}.tmp"
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One training bar over the whole run counting optimizer steps (``step N/total``), not micro-batches
+    per epoch (with max_steps and no max_epochs Lightning's bar reads "Epoch 0/-2" and counts batches)."""
+
+    def _description(self) -> str:
+        total = self.trainer.estimated_stepping_batches
+        return f"step {self.trainer.global_step}/{int(total) if math.isfinite(total) else '?'}"
+
+    def init_train_tqdm(self) -> Tqdm:
+        total = self.trainer.estimated_stepping_batches
+        return Tqdm(desc=self._description(), initial=self.trainer.global_step,  # a resumed run continues
+                    total=int(total) if math.isfinite(total) else None, position=2 * self.process_position,
+                    disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer, *_):
+        pass  # one bar for the run, not one per epoch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar.disable or bar.n == step:  # mid-accumulation: no optimizer step yet
+            return
+        if self.refresh_rate and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.n = step
+            bar.set_description(self._description(), refresh=False)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass  # the bar closes once, at on_train_end
+
+
+class StopPeersOnError(L.Callback):
+    """When this process started the other data-parallel ranks (Lightning's subprocess launcher) and
+    fails, stop them too, rather than leave them blocked in their next collective (gloo notices the
+    closed connection, NCCL may wait for its timeout). Lightning itself does this only on Ctrl-C."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        launcher = trainer.strategy.launcher
+        if trainer.world_size > 1 and launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(signal.SIGKILL)
 
 
 def accumulation(global_batch: int, per_device: int, devices: int, num_nodes: int) -> int:
@@ -107,7 +159,9 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
                   model=None) -> L.Trainer:
     """A Trainer; with ``checkpoint_every_n_steps`` > 0 it keeps an atomic ``checkpoints/last.ckpt``."""
     # LoaderProgress must run before ModelCheckpoint (Lightning puts checkpoint callbacks last).
-    callbacks = [LoaderProgress(), *callbacks]
+    callbacks = [LoaderProgress(), StopPeersOnError(), *callbacks]
+    if progress:
+        callbacks.append(StepProgressBar())
     plugins = []
     if SLURMEnvironment.detect():
         # Requeue has one owner, submitit (hydra.launcher.max_num_timeout): it requeues the job with the

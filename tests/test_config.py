@@ -1,11 +1,14 @@
 """Every config in conf/ composes and validates; bad values stop the run with a message naming the key."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from isdpo.config import ConfigError, validate
-from tests.hydra_utils import CONF, ROOT, compose_cfg
+from tests.hydra_utils import CONF, ROOT, SMALL, compose_cfg
 
 # sweep/ (a link to sweeps/) is appended with +sweep=NAME and checked in tests/test_sweeps.py
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "sweep"))
@@ -59,6 +62,13 @@ BAD = [
     (["task.train.global_batch_size=50"], r"global_batch_size=50 is not a multiple of hardware.per_device_batch_size"),
     (["model.pretrained=/nonexistent/model"], r"model.pretrained='/nonexistent/model': no such file"),
     (["logger.mode=sometimes"], r"logger.mode='sometimes' is not known; allowed: auto, online, offline"),
+    (["seed=-1"], r"seed must be an integer in \[0, 2\*\*32\) \(got -1\)"),
+    (["seed=4294967296"], r"seed must be an integer in \[0, 2\*\*32\) \(got 4294967296\)"),
+    (["seed=1.5"], r"seed must be an integer in \[0, 2\*\*32\) \(got 1.5\)"),
+    (["seed=true"], r"seed must be an integer in \[0, 2\*\*32\) \(got True\)"),
+    (["seed=abc"], r"seed must be an integer in \[0, 2\*\*32\) \(got 'abc'\)"),
+    (["task.sft.seed=-3"], r"task.sft.seed must be an integer in \[0, 2\*\*32\)"),
+    (["task.eval.seed=0.5"], r"task.eval.seed must be an integer in \[0, 2\*\*32\)"),
 ]
 
 
@@ -67,6 +77,48 @@ def test_bad_values_give_the_intended_message(overrides, message, tmp_path):
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_largest_seed_is_valid(tmp_path):
+    validate(compose_cfg(["seed=4294967295", "task.sft.seed=4294967295", "task.eval.seed=0"], tmp_path))
+
+
+UNKNOWN = [
+    (["+task.train.lrr=1"], r"task.train.lrr is not a known key; did you mean task.train.lr\? \(keys under task.train: "
+                            r".*global_batch_size.*\)"),
+    (["+sed=1"], r"sed is not a known key; did you mean seed\? \(top-level keys: .*beta.*\)"),
+    # a whole new sub-tree: the message names its root, not the leaf
+    (["+task.trainn.lr=1"], r"task.trainn is not a known key; did you mean task.train\?"),
+    (["beta=0.05", "+model.zzz_unrelated=1"], r"model.zzz_unrelated is not a known key \(keys under model: .*pretrained"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", UNKNOWN, ids=[u[0][-1] for u in UNKNOWN])
+def test_plus_override_of_an_unknown_key_names_the_closest_keys(overrides, message, tmp_path):
+    cfg = compose_cfg(overrides, tmp_path)  # Hydra itself accepts a `+key` it does not know
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+sweep=synthetic_small"],  # `+` on a config group (a new defaults entry), not a value
+    ["+sweep=is_clip", "seed=1", "beta=0.05"],
+    ["++task.train.lr=0.001"],  # `++` forces: override or add, on purpose
+    ["task.train.lr=0.001"],
+], ids=lambda v: " ".join(v))
+def test_plus_on_a_group_and_plain_overrides_still_validate(overrides, tmp_path):
+    validate(compose_cfg(overrides, tmp_path), overrides=overrides)
+
+
+def test_launch_rejects_an_unknown_plus_key_before_running(tmp_path):
+    env = {**os.environ, "ISDPO_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / "launch.py"), *SMALL, "stage=sft", "+task.train.lrr=1",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "task.train.lrr is not a known key; did you mean task.train.lr?" in out, out[-3000:]
+    assert not (tmp_path / "cache" / "sft").exists()  # stopped before any stage ran
 
 
 def test_unknown_loss_choice_is_rejected_by_hydra_with_the_options():
@@ -100,3 +152,22 @@ def test_long_overrides_give_a_short_deterministic_folder_name():
     name = run_dirname(long)
     assert len(name) <= MAX_DIRNAME and name == run_dirname(long) and name != run_dirname(long + "x")
     assert run_dirname("beta=0.01,loss=dpo") == "beta=0.01,loss=dpo"
+    # pinned: resume finds the folders that runs before the escaping of unsafe characters created
+    assert name == ("task.some.key0=value0,task.some.key1=value1,task.some.key2=value2,task.some.key3=value3,"
+                    "task.some.key4=valu~809cd516d40b")
+    for plain in ("+size=resume", "model.name='a b,c'", "beta=0.01,loss=isdpo,seed=0", ""):
+        assert run_dirname(plain) == plain
+
+
+def test_a_slash_in_an_override_value_does_not_nest_the_run_folder():
+    from isdpo.resolvers import run_dirname
+
+    cfg = compose_cfg(["model.pretrained=/tmp/x/y", "beta=0.01"], run=False)
+    assert cfg.hydra.run.dir == "outputs/default/beta=0.01,model.pretrained=%2Ftmp%2Fx%2Fy"
+    assert Path(cfg.hydra.run.dir).parent == Path("outputs/default")
+    assert run_dirname("a=x\x00y\nz") == "a=x%00y%0Az"
+    # escaped, not replaced: different values keep different folders
+    names = [run_dirname(f"a={v}") for v in ("x/y", "x_y", "x%2Fy", "x%y", "x%25y")]
+    assert len(set(names)) == len(names) and not any("/" in n for n in names)
+    long = run_dirname("model.pretrained=" + "/d" * 100)
+    assert "/" not in long and long != run_dirname("model.pretrained=" + "%2Fd" * 100)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import open_dict
+from transformers import AutoTokenizer
 
 from isdpo.data.collate import PreferenceCollator
 from isdpo.data.text_runtime import TextRuntime
@@ -87,6 +88,9 @@ def test_chained_pipeline_end_to_end(chain):
     last = [json.loads(line) for line in files[-1].read_text().splitlines()]
     assert len(last) == n and {"completion", "golden_reward", "reference_score", "win"} <= set(last[0])
     assert sum(r["win"] for r in last) / n == pytest.approx(out["evaluate"]["win_rate"])
+    # policy/ is a complete HF folder: the tokenizer that trained it loads from it too
+    tok = AutoTokenizer.from_pretrained(run / "policy")
+    assert tok.encode("a summary") == AutoTokenizer.from_pretrained(out["sft"] / "model").encode("a summary")
 
 
 def test_relabelled_chosen_responses_have_the_higher_golden_score(chain):

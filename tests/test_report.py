@@ -1,4 +1,5 @@
 """isdpo.report on a hand-written fake sweep: table numbers, listing of failed runs, figures, CLI, W&B fallback."""
+import csv
 import json
 import os
 import shutil
@@ -9,17 +10,19 @@ import zlib
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from isdpo import report, report_plots
+from tests.hydra_utils import compose_cfg
 
 LOSSES, BETAS, SEEDS = ("dpo", "isdpo"), (0.01, 0.1), (0, 1)
 STEPS = (0, 10, 20, 30, 40)
 
 
-def metrics_rows(loss, beta, seed, steps=STEPS):
-    """Deterministic, distinct curves per run: dpo rises then falls, isdpo keeps rising."""
-    rng = np.random.default_rng(zlib.crc32(f"{loss}-{beta}-{seed}".encode()))
+def metrics_rows(loss, beta, seed, steps=STEPS, tag=""):
+    """Deterministic, distinct curves per run (and per ``tag``): dpo rises then falls, isdpo keeps rising."""
+    rng = np.random.default_rng(zlib.crc32(f"{loss}-{beta}-{seed}{tag}".encode()))
     rows = []
     for i, step in enumerate(steps):
         rise = 0.08 * i if loss == "isdpo" else 0.15 * i - 0.05 * i * i
@@ -120,8 +123,6 @@ def test_table_numbers_equal_result_files(sweep, built):
     md = (out / "report.md").read_text()
     rows = {(r["loss"], r["beta"]): r for r in report.summarise(report.load_sweep(sweep))}
     assert set(rows) == {(loss, beta) for loss in LOSSES for beta in BETAS}
-    import csv
-
     with open(out / "summary.csv") as f:
         csv_rows = {(r["loss"], float(r["beta"])): r for r in csv.DictReader(f)}
     for loss in LOSSES:
@@ -145,7 +146,7 @@ def test_table_numbers_equal_result_files(sweep, built):
                 assert f"{mean:.3f} ± {std:.3f}" in md
             else:
                 assert row["judge_win_rate_n"] == 0
-    assert "| judge win rate |" in md
+    assert "| judge win rate |" in md and "Columns in `code`" not in md  # nothing but loss/beta/seed varies
     # One Markdown row per loss x beta.
     assert sum(line.startswith("| `") for line in md.split("## Incomplete")[0].splitlines()) == 4
 
@@ -307,3 +308,127 @@ def test_wandb_summaries(monkeypatch):
     assert rows[0]["loss"] == "dpo" and rows[0]["win_rate"] == 0.75 and rows[0]["task"] == "synthetic"
     md = report.wandb_markdown("me/proj", rows, error)
     assert "| dpo-b0.1-s0 | finished | align | synthetic | dpo | 0.1 | 0 | 0.750 | 1.5 |" in md
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs told apart by their whole config (a sweep over a setting other than loss / beta / seed)
+# ----------------------------------------------------------------------------------------------------------
+
+CLIP_KEY = "loss.importance_sampling.log_clip"
+CLIPS = ("0.5", "null")
+
+
+def write_real_run(root, overrides, *, tag, seconds_ago=0.0):
+    """A run folder as Hydra and isdpo.stages write it: the composed, unresolved config (without its hydra node)
+    in .hydra/config.yaml, the overrides in .hydra/overrides.yaml, metrics.jsonl and result.json."""
+    cfg = compose_cfg(overrides, run=False)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    folder = root / ",".join(sorted(overrides))
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (folder / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    rows = metrics_rows(cfg.loss.name, cfg.beta, cfg.seed, tag=tag)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"status": "completed", "task": cfg.task.name, "loss": cfg.loss.name, "beta": float(cfg.beta),
+              "seed": int(cfg.seed), "run_name": f"{cfg.loss.name}-b{cfg.beta}-s{cfg.seed}",
+              "experiment": cfg.experiment, "final": rows[-1], "peak": max(rows, key=lambda r: r["win_rate"]),
+              "n_eval_points": len(rows), "train_seconds": 1.0, "reference_dir": "/nowhere",
+              "output_dir": str(folder)}
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    if seconds_ago:
+        then = time.time() - seconds_ago
+        os.utime(folder / "result.json", (then, then))
+    return folder, result
+
+
+@pytest.fixture(scope="module")
+def clip_sweep(tmp_path_factory):
+    """``loss.importance_sampling.log_clip=0.5,null seed=0,1`` with loss=isdpo: two configs, two seeds each."""
+    root = tmp_path_factory.mktemp("clip") / "multirun" / "is_clip"
+    results = {}
+    for clip in CLIPS:
+        for seed in SEEDS:
+            _, results[(clip, seed)] = write_real_run(root, [f"{CLIP_KEY}={clip}", f"seed={seed}"],
+                                                      tag=f"clip{clip}", seconds_ago=100)
+    return root, results
+
+
+def test_runs_differing_in_a_swept_setting_are_not_merged(clip_sweep, tmp_path):
+    root, results = clip_sweep
+    runs = report.load_sweep(root)
+    assert [r.status for r in runs] == ["completed"] * 4  # same loss/beta/seed is not a duplicate: log_clip differs
+    rows = report.summarise(runs)
+    assert [(r["loss"], r["beta"], r[CLIP_KEY], r["n_seeds"], r["seeds"]) for r in rows] == \
+        [("isdpo", 0.1, "0.5", 2, "0 1"), ("isdpo", 0.1, "null", 2, "0 1")]
+    for row, clip in zip(rows, CLIPS):
+        for col, get in QUANTITIES.items():
+            values = [get(results[(clip, seed)]) for seed in SEEDS]
+            assert row[f"{col}_mean"] == pytest.approx(float(np.mean(values)), abs=1e-12)
+            assert row[f"{col}_std"] == pytest.approx(float(np.std(values, ddof=1)), abs=1e-12)
+    # Only the swept setting becomes a column: task.data_seed (${seed}), run_name, paths.* do not.
+    assert [k for k in rows[0] if "." in k] == [CLIP_KEY]
+
+    out = tmp_path / "rep"
+    md = report.build_report(root, out, figures=False, log=lambda msg: None).read_text()
+    table = md.split("## Incomplete")[0].replace("**", "")  # bold marks the best final win rate
+    assert f"| `{CLIP_KEY}` |" in table and "Columns in `code` are the settings" in table
+    for row, clip in zip(rows, CLIPS):
+        assert f"| `isdpo` | 0.1 | {clip} | {row['final_win_rate_mean']:.3f} ± {row['final_win_rate_std']:.3f} |" \
+            in table
+    assert "4 completed, 0 incomplete, 0 failed, 0 duplicate" in md
+    with open(out / "summary.csv") as f:
+        assert [r[CLIP_KEY] for r in csv.DictReader(f)] == list(CLIPS)
+    with open(out / "runs.csv") as f:
+        assert sorted(r[CLIP_KEY] for r in csv.DictReader(f)) == ["0.5", "0.5", "null", "null"]
+
+    # Figures: one mean line per configuration, in its own colour, named by the swept setting.
+    done = [r for r in runs if r.ok]
+    colours = report_plots.series_colours(done)
+    fig = report_plots.plot_overoptimization(done, colours, show_seeds=False)
+    labels = {f"isdpo, log_clip={clip}" for clip in CLIPS}
+    means = {line.get_label(): line for line in fig.axes[0].lines if line.get_label() in labels}
+    assert set(means) == labels and len({line.get_color() for line in means.values()}) == 2
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [t for t in legend if "mean over seeds" in t] == [f"isdpo, log_clip={c} (mean over seeds)" for c in CLIPS]
+    report_plots.plt.close(fig)
+
+
+def test_duplicates_and_runs_without_config_are_said(clip_sweep, tmp_path):
+    root = tmp_path / "sweep"
+    shutil.copytree(clip_sweep[0], root)
+    # The same config and seed run again elsewhere (newer): counted once, the older one listed as a duplicate.
+    rerun, _ = write_real_run(root / "again", [f"{CLIP_KEY}=0.5", "seed=0"], tag="clip0.5-rerun")
+    # A run whose .hydra folder is gone: identified by result.json alone, and the report says so.
+    bare, _ = write_real_run(root / "bare", [f"{CLIP_KEY}=null", "seed=1"], tag="bare")
+    shutil.rmtree(bare / ".hydra")
+
+    runs = {r.name: r for r in report.load_sweep(root)}
+    older = runs[f"{CLIP_KEY}=0.5,seed=0"]
+    assert older.status == "duplicate" and "again/" in older.reason
+    rows = report.summarise(list(runs.values()))
+    assert [(r[CLIP_KEY], r["n_seeds"], r["seeds"]) for r in rows] == [("0.5", 2, "0 1"), ("null", 2, "0 1"),
+                                                                       ("?", 1, "1")]
+    md = report.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
+    failed = md.split("## Incomplete and failed runs")[1]
+    assert f"`{CLIP_KEY}=0.5,seed=0`" in failed and "duplicate" in failed
+    bare_name = bare.relative_to(root)
+    assert f"`{bare_name}`: no .hydra/config.yaml" in md and "result.json" in md.split(f"`{bare_name}`:")[1]
+
+
+def test_loss_sweep_with_real_configs_adds_no_column(tmp_path):
+    """loss=dpo,isdpo: the loss's own settings (importance_sampling.enabled ...) follow the loss name, no column."""
+    for loss in LOSSES:
+        write_real_run(tmp_path, [f"loss={loss}", "seed=0"], tag="")
+    rows = report.summarise(report.load_sweep(tmp_path))
+    assert [(r["loss"], r["n_seeds"]) for r in rows] == [("dpo", 1), ("isdpo", 1)]
+    assert not [k for k in rows[0] if "." in k]
+
+
+def test_a_setting_derived_from_the_seed_does_not_split_seeds(tmp_path):
+    """task.data_seed is ${seed} by default: compared as written, the seeds of that configuration stay one row."""
+    for seed in SEEDS:
+        write_real_run(tmp_path, [f"seed={seed}"], tag="")
+        write_real_run(tmp_path, ["task.data_seed=7", f"seed={seed}"], tag="fixed")
+    rows = report.summarise(report.load_sweep(tmp_path))
+    assert [(r["task.data_seed"], r["n_seeds"], r["seeds"]) for r in rows] == [("7", 2, "0 1"), ("${seed}", 2, "0 1")]

@@ -96,8 +96,10 @@ def assert_same_curve(a: list[dict], b: list[dict]) -> None:
 
 
 def wandb_ids(out: Path) -> list[str]:
-    """W&B offline run folders are ``offline-run-<date>_<time>-<run id>``; one per process that logged."""
-    return [p.name.split("-", 3)[3] for p in sorted((out / "wandb").glob("offline-run-*"))]
+    """The align stage's W&B run ids, one per process that logged (``offline-run-*/run-<id>.wandb``; the
+    SFT stage has a run of its own when this job built the reference)."""
+    ids = [f.stem.split("-", 1)[1] for f in sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))]
+    return [i for i in ids if i.endswith("-align")]
 
 
 @pytest.fixture(scope="module")

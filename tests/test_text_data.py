@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from isdpo.data.text import DataError, fit_lengths, load_pairs, read_table, tokenize_pairs
+from isdpo.data.text import DataError, fit_lengths, load_pairs, load_sft, read_table, tokenize_pairs, tokenize_sft
 from isdpo.data.text_runtime import TextRuntime
-from tests.fixtures_text import build_standins, hh_rows, text_overrides, write_jsonl
+from tests.fixtures_text import build_standins, build_tokenizer, hh_rows, text_overrides, write_jsonl
 from tests.hydra_utils import CONF, compose_cfg
 
 
@@ -26,7 +26,7 @@ def test_tldr_schema_is_read_and_tokenized(cfg_of):
     cfg = cfg_of("tldr")
     rt = TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir)
     pairs, counts = load_pairs(rt._spec(), "train")
-    assert counts == {"read": 48, "dropped_identical_text": 0} and len(pairs) == 48
+    assert counts == {"read": 48, "dropped_identical_text": 0, "dropped_empty_text": 0} and len(pairs) == 48
     p = pairs[0]
     assert p["prompt"].startswith("SUBREDDIT: r/") and p["prompt"].endswith("TL;DR:")
     assert p["chosen"].startswith(" ") and "<|endoftext|>" not in p["chosen"] + p["rejected"]
@@ -125,6 +125,76 @@ def test_parquet_files_read_like_jsonl(standins, tmp_path):
     a, _ = load_pairs({**spec, "data_files": standins["hh_train"]}, "train")
     b, _ = load_pairs({**spec, "data_files": str(tmp_path / "hh.parquet")}, "train")
     assert a == b
+
+
+PAIR_COLS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    """A tokenizer trained on a few HH rows in well under a second (no model needed)."""
+    return build_tokenizer([v for r in hh_rows(16, 0) for v in r.values()])
+
+
+def test_empty_responses_are_dropped_and_counted_not_trained_as_a_bare_eos(small_tok, tmp_path, capsys):
+    good = {"prompt": "\n\nHuman: hi?\n\nAssistant:", "chosen": " the cat sat.", "rejected": " a dog ran."}
+    rows = [good, {**good, "chosen": ""}, {**good, "rejected": "  \n"}, {**good, "chosen": "<|endoftext|>"},
+            {**good, "chosen": "", "rejected": ""}, {**good, "prompt": " "}]
+    f = write_jsonl(tmp_path / "empty.jsonl", rows)
+    pairs, counts = load_pairs({"data_files": str(f), "columns": PAIR_COLS, "strip_suffix": "<|endoftext|>"}, "train")
+    assert pairs == [good] and counts == {"read": 6, "dropped_identical_text": 0, "dropped_empty_text": 5}
+    ex, stats = tokenize_pairs(pairs, small_tok, max_length=64, max_prompt_length=32, pre_counts=counts)
+    assert (stats.read, stats.dropped_empty, stats.kept) == (6, 5, 1) and "not in the sampled subset" not in stats.extra
+    assert "5 empty -> 1 kept" in capsys.readouterr().out
+    # pairs handed over directly (e.g. a relabelled file) are checked on their text too, before EOS is appended
+    ex, stats = tokenize_pairs(rows[:3], small_tok, max_length=64, max_prompt_length=32, log=False)
+    assert (stats.dropped_empty, stats.kept) == (2, 1)
+    assert all(len(e["chosen_ids"]) > 1 and len(e["rejected_ids"]) > 1 for e in ex)
+    sft, stats = tokenize_sft([{"prompt": good["prompt"], "response": r} for r in (" the cat.", "", " \t")], small_tok,
+                              max_length=64, max_prompt_length=32, log=False)
+    assert (stats.read, stats.dropped_empty, stats.kept) == (3, 2, 1) and sft[0]["response_ids"] != [small_tok.eos_token_id]
+
+
+def test_null_cells_are_rejected_naming_file_row_and_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = {"prompt": "p", "chosen": " a", "rejected": " b", "response": " a"}
+    f = tmp_path / "nulls.jsonl"
+    f.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "chosen": None}) + "\n")  # line 3 (a blank line 2)
+    with pytest.raises(DataError, match=r"nulls\.jsonl:3: column 'chosen' is null; fix or remove the row"):
+        load_pairs({"data_files": str(f), "columns": PAIR_COLS}, "train")
+    f.write_text(json.dumps(good) + "\n" + '{"prompt": "p", "chosen": " a", "rejected": NaN, "response": " a"}\n')
+    with pytest.raises(DataError, match=r"nulls\.jsonl:2: column 'rejected' is null"):
+        load_pairs({"data_files": str(f), "columns": PAIR_COLS}, "train")
+    f.write_text(json.dumps({**good, "response": None}) + "\n")
+    with pytest.raises(DataError, match=r"nulls\.jsonl:1: column 'response' is null"):
+        load_sft({"data_files": str(f), "split": "train", "columns": {"prompt": "prompt", "response": "response"}})
+    pq.write_table(pa.Table.from_pylist([good, {**good, "prompt": None}]), tmp_path / "nulls.parquet")
+    with pytest.raises(DataError, match=r"nulls\.parquet: row 2: column 'prompt' is null"):
+        load_pairs({"data_files": str(tmp_path / "nulls.parquet"), "columns": PAIR_COLS}, "train")
+    pq.write_table(pa.table({"prompt": ["p", "q"], "chosen": [" a", " c"], "rejected": [1.0, float("nan")]}),
+                   tmp_path / "nan.parquet")
+    with pytest.raises(DataError, match=r"nan\.parquet: row 2: column 'rejected' is null"):
+        load_pairs({"data_files": str(tmp_path / "nan.parquet"), "columns": PAIR_COLS}, "train")
+
+
+def test_undecodable_lines_name_file_and_line(tmp_path):
+    line = json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}).encode() + b"\n"
+    f = tmp_path / "bad.jsonl"
+    f.write_bytes(line * 4 + b'{"prompt": "p" "chosen": " a"}\n' + line)
+    with pytest.raises(DataError, match=r"bad\.jsonl:5: not valid JSON \(Expecting ',' delimiter: line 1 column 16\)"):
+        read_table(None, str(f), "train", ["prompt"])
+    f.write_bytes(line * 8 + b'{"\xff": 1}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:9: not UTF-8 \(byte 0xff at position 3\)"):
+        read_table(None, str(f), "train", ["prompt"])
+    f.write_bytes(line + b'["p", " a", " b"]\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not a JSON object \(got list\)"):
+        read_table(None, str(f), "train", ["prompt"])
+    g = tmp_path / "bad.json"
+    g.write_bytes(b"[\n" + line.rstrip() + b",\n" + line.rstrip() + b"\n" + line + b"]\n")  # no ',' after line 3
+    with pytest.raises(DataError, match=r"bad\.json:4: not valid JSON \(Expecting ',' delimiter: line 4 column 1\)"):
+        read_table(None, str(g), "train", ["prompt"])
 
 
 def test_eval_set_has_distinct_prompts_and_the_chosen_reference(cfg_of):

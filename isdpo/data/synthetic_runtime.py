@@ -44,7 +44,8 @@ class SyntheticRuntime:
         return self.task.golden_reward(torch.as_tensor(prompts), torch.as_tensor(responses))
 
     def preference_examples(self, reference, reference_dir: Path) -> list[dict]:
-        """Pairs of reference samples labelled by Bradley-Terry on the golden reward (cached)."""
+        """Pairs of reference samples labelled by Bradley-Terry on the golden reward (cached; with several
+        data-parallel ranks, rank 0 samples them and the others wait for the entry)."""
         seed = int(self.cfg["data_seed"])
         key = {"reference": str(reference_dir.name), "n_pref_prompts": self.cfg["n_pref_prompts"],
                "pref_temperature": self.cfg["pref_temperature"], "data_seed": seed,

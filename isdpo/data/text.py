@@ -7,7 +7,7 @@ on small local files. The data path is::
       -> load_records()          list of {"prompt", "chosen", "rejected"} (or {"prompt", "response"})
       -> tokenize_pairs() / tokenize_sft()   token ids, truncated by one documented policy
 
-Schemas (PAPER.md section 5; the columns this module reads, everything else is ignored):
+Schemas (the columns this module reads, everything else is ignored):
 
 - TL;DR preferences, ``vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144``
   (splits ``train``, ``validation``, ``validation_cnndm``): ``query`` (the formatted post,
@@ -29,11 +29,17 @@ Truncation policy (one place, :func:`fit_lengths`), with counts logged for every
 3. pairs whose chosen and rejected responses are identical (as text before tokenization, as
    Dahoas/full-hh-rlhf has some, or as token ids after truncation) are dropped: they carry no
    preference;
-4. empty responses (or an empty prompt) are dropped.
+4. empty or whitespace-only responses (or prompts) are dropped, judged on the text before the
+   EOS is appended (so an empty response never trains as a bare EOS).
+
+Bad input is never kept silently: a null cell (JSON null, NaN, a parquet null) in a column read, a
+malformed JSON line or non-UTF-8 bytes raise :class:`DataError` naming the file, the row and the column.
 """
 from __future__ import annotations
 
+import codecs
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,33 +79,84 @@ def _local_file(data_files: Any, split: str) -> str | None:
     return str(data_files[split])
 
 
-def _read_local(path: str) -> list[dict]:
+def _decode(data: bytes, path: Path, line: int) -> str:
+    """UTF-8 text of ``data`` (starting at ``line`` of ``path``); undecodable bytes raise naming path:line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line += data.count(b"\n", 0, err.start)
+        col = err.start - data.rfind(b"\n", 0, err.start)  # 1-based within the line
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[err.start]:02x} at position {col}); "
+                        f"re-save the file as UTF-8") from None
+
+
+def _json(text: str, path: Path, line: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line + err.lineno - 1}: not valid JSON "
+                        f"({err.msg}: line {err.lineno} column {err.colno})") from None
+
+
+def _object(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: not a JSON object (got {type(row).__name__}); each row must be one {{...}}")
+    return row
+
+
+def _read_local(path: str) -> tuple[list[dict], list[str]]:
+    """Rows of a local file and, for each, where it is (``path:line`` for JSON lines) for error messages."""
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data file {str(p)!r} does not exist")
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
+        rows = pq.read_table(p).to_pylist()
+        return rows, [f"{p}: row {i}" for i in range(1, len(rows) + 1)]
     if p.suffix in (".jsonl", ".json"):
-        text = p.read_text()
-        if p.suffix == ".json" and text.lstrip().startswith("["):
-            return list(json.loads(text))
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = p.read_bytes().removeprefix(codecs.BOM_UTF8)
+        if p.suffix == ".json" and data.lstrip().startswith(b"["):
+            items = _json(_decode(data, p, 1), p, 1)
+            where = [f"{p}: item {i}" for i in range(1, len(items) + 1)]
+            return [_object(r, w) for r, w in zip(items, where)], where
+        rows, where = [], []
+        # bytes.splitlines splits on \n, \r\n and \r only (str.splitlines would also split inside strings at U+2028)
+        for n, raw in enumerate(data.splitlines(), 1):
+            if raw.strip():
+                where.append(f"{p}:{n}")
+                rows.append(_object(_json(_decode(raw, p, n), p, n), where[-1]))
+        return rows, where
     raise DataError(f"data file {str(p)!r}: unsupported format (use .jsonl, .json or .parquet)")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _check_cells(rows: list[dict], columns: Sequence[str], where: Any) -> None:
+    """Raise naming the row (``where(i)``) and the column on the first null or missing cell of ``columns``."""
+    for i, r in enumerate(rows):
+        for c in columns:
+            if c not in r:
+                raise DataError(f"{where(i)}: column {c!r} is missing; fix or remove the row")
+            if _is_null(r[c]):
+                raise DataError(f"{where(i)}: column {c!r} is null; fix or remove the row")
 
 
 def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequence[str]) -> list[dict]:
     """Rows of one split with (at least) ``columns``, from local files if given, else the hub.
 
     Local files are read directly (JSON lines, JSON array or parquet); hub data sets go through
-    ``datasets.load_dataset(dataset, split=split)``. A missing column or an empty split raises
-    :class:`DataError` naming the data set, the split and the column.
+    ``datasets.load_dataset(dataset, split=split)``. A missing column, an empty split, a null cell in
+    ``columns`` or an undecodable line raises :class:`DataError` naming the data set or file, the
+    split or row, and the column.
     """
     local = _local_file(data_files, split)
     where = f"{local!r}" if local else f"data set {dataset!r}"
     if local:
-        rows = _read_local(local)
+        rows, row_where = _read_local(local)
+        locate = row_where.__getitem__
         available = sorted(rows[0]) if rows else []
     else:
         if not dataset:
@@ -119,12 +176,21 @@ def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequen
             raise DataError(f"{where} (split {split!r}) has no column {missing[0]!r}; "
                             f"columns: {', '.join(available)}")
         rows = ds.select_columns(list(columns)).to_list()
+
+        def locate(i: int) -> str:
+            return f"{where} (split {split!r}) row {i + 1}"
     if not rows:
         raise DataError(f"{where} (split {split!r}) is empty")
     missing = [c for c in columns if c not in available]
     if missing:
         raise DataError(f"{where} (split {split!r}) has no column {missing[0]!r}; columns: {', '.join(available)}")
+    _check_cells(rows, columns, locate)
     return rows
+
+
+def _blank(text: Any) -> bool:
+    """Empty or whitespace-only: such a prompt or response carries nothing to learn from."""
+    return not str(text).strip()
 
 
 def _clean_response(text: str, strip_suffix: str | None) -> str:
@@ -139,23 +205,27 @@ def load_pairs(spec: Mapping[str, Any], split: str, *, limit: int | None = None)
     ``spec`` keys: ``dataset``, ``data_files``, ``columns`` ({prompt, chosen, rejected} -> column
     names), ``strip_suffix`` (a literal removed from the end of responses, e.g. Pythia's
     ``<|endoftext|>`` baked into the TL;DR texts; the tokenizer's own EOS is appended later) and
-    ``drop_identical`` (drop pairs with chosen == rejected). Returns ``(pairs, counts)``.
+    ``drop_identical`` (drop pairs with chosen == rejected). Pairs with an empty (or whitespace-only)
+    prompt, chosen or rejected text are dropped. Returns ``(pairs, counts)``.
     """
     cols = as_plain(spec["columns"])
     rows = read_table(spec.get("dataset"), spec.get("data_files"), split, [cols[f] for f in PAIR_FIELDS])
     suffix = spec.get("strip_suffix")
-    pairs, identical = [], 0
+    pairs, identical, empty = [], 0, 0
     for r in rows:
         p = {"prompt": str(r[cols["prompt"]]).lstrip(" "),
              "chosen": _clean_response(str(r[cols["chosen"]]), suffix),
              "rejected": _clean_response(str(r[cols["rejected"]]), suffix)}
+        if any(_blank(p[f]) for f in PAIR_FIELDS):
+            empty += 1
+            continue
         if spec.get("drop_identical", True) and p["chosen"] == p["rejected"]:
             identical += 1
             continue
         pairs.append(p)
         if limit is not None and len(pairs) >= limit:
             break
-    return pairs, {"read": len(rows), "dropped_identical_text": identical}
+    return pairs, {"read": len(rows), "dropped_identical_text": identical, "dropped_empty_text": empty}
 
 
 def load_sft(spec: Mapping[str, Any], *, limit: int | None = None) -> list[dict]:
@@ -280,21 +350,29 @@ def tokenize_pairs(
 
     Extra numeric fields of a pair (``chosen_behavior_logp``, ...) are carried over; pairs that
     already carry token ids (``prompt_ids``/``chosen_ids``/``rejected_ids``, e.g. generated by the
-    relabel stage) are not re-tokenized. With ``keep_text`` the texts are kept too.
+    relabel stage) are not re-tokenized; text pairs with an empty prompt or response are dropped (and
+    counted) before the EOS is appended. With ``keep_text`` the texts are kept too.
     """
     pre = dict(pre_counts or {})
     identical_text = int(pre.get("dropped_identical_text", 0))
-    stats = TruncationStats(name=name, read=int(pre.get("read", len(pairs) + identical_text)))
+    empty_text = int(pre.get("dropped_empty_text", 0))
+    stats = TruncationStats(name=name, read=int(pre.get("read", len(pairs) + identical_text + empty_text)))
     stats.dropped_identical += identical_text
-    if stats.read - identical_text > len(pairs):  # a subset was taken before tokenizing
-        stats.extra["not in the sampled subset"] = stats.read - identical_text - len(pairs)
-    need = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
+    stats.dropped_empty += empty_text
+    if stats.read - identical_text - empty_text > len(pairs):  # a subset was taken before tokenizing
+        stats.extra["not in the sampled subset"] = stats.read - identical_text - empty_text - len(pairs)
+    text = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
+    blank = {i for i in text if any(_blank(pairs[i][f]) for f in PAIR_FIELDS)}
+    need = [i for i in text if i not in blank]
     enc_p = encode_prompts(tokenizer, [pairs[i]["prompt"] for i in need])
     enc_c = encode_responses(tokenizer, [pairs[i]["chosen"] for i in need])
     enc_r = encode_responses(tokenizer, [pairs[i]["rejected"] for i in need])
     ids = {i: (p, c, r) for i, p, c, r in zip(need, enc_p, enc_c, enc_r)}
     out = []
     for i, pair in enumerate(pairs):
+        if i in blank:
+            stats.dropped_empty += 1
+            continue
         p, c, r = ids[i] if i in ids else (pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"])
         fitted = fit_lengths(p, [c, r], max_length=max_length, max_prompt_length=max_prompt_length,
                              bos_id=tokenizer.bos_token_id, truncate_responses=truncate_responses, stats=stats)
@@ -329,6 +407,9 @@ def tokenize_sft(
 ) -> tuple[list[dict], TruncationStats]:
     """Text ``{"prompt", "response"}`` -> ``{"prompt_ids", "response_ids"}`` under the same policy."""
     stats = TruncationStats(name=name, read=len(examples))
+    kept = [e for e in examples if not (_blank(e["prompt"]) or _blank(e["response"]))]
+    stats.dropped_empty += len(examples) - len(kept)
+    examples = kept
     enc_p = encode_prompts(tokenizer, [e["prompt"] for e in examples])
     enc_r = encode_responses(tokenizer, [e["response"] for e in examples])
     out = []

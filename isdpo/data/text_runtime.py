@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from isdpo.cache import data_key
 from isdpo.data.text import (as_plain, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
                              subsample, tokenize_pairs, tokenize_sft, tokenizer_source)
 from isdpo.evaluate import Evaluator
@@ -62,6 +63,11 @@ class TextEvaluator(Evaluator):
                                      "win": 1.0 if s > rs else 0.5 if s == rs else 0.0}) + "\n")
 
 
+def sft_data_key(sft_cfg: Mapping[str, Any]) -> dict:
+    """What the pooled SFT set's sources hold (the bytes of local files), for cache keys."""
+    return {name: data_key(spec, [spec["split"]]) for name, spec in sft_cfg["sources"].items()}
+
+
 class TextRuntime:
     """Everything the stages need from a real text task (same interface as SyntheticRuntime)."""
 
@@ -96,7 +102,8 @@ class TextRuntime:
 
     def sft_key(self) -> dict:
         """No task name: TL;DR and HH share one SFT reference when their sft blocks agree (the paper pools them)."""
-        return {"kind": "text", "tokenizer": tokenizer_source(self.model_cfg), **self.lengths}
+        return {"kind": "text", "tokenizer": tokenizer_source(self.model_cfg), **self.lengths,
+                "content": sft_data_key(self.cfg["sft"])}
 
     def sft_examples(self) -> list[dict]:
         sft = self.cfg["sft"]

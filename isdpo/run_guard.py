@@ -1,0 +1,165 @@
+"""What keeps a run folder honest: one writer at a time, resume only what was started with the same
+config, and an interruption that never passes for success."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping
+
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from isdpo.cache import config_hash, rank_world
+
+RUN_CONFIG = "run_config.json"
+LOCK = ".isdpo.lock"
+# Keys that say where and how a run is written or watched, not what it computes: they may change between
+# a run and its resume.
+NOT_IDENTITY = ("logger", "stage", "paths", "experiment", "run_name", "judge", "hydra",
+                "task.train.resume", "task.train.checkpoint_every_n_steps", "hardware.num_workers",
+                "hardware.torch_threads")
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class ConfigMismatch(RuntimeError):
+    """The run folder holds a run started with another config."""
+
+
+class CheckpointUnreadable(RuntimeError):
+    """last.ckpt exists but cannot be read (truncated or corrupt)."""
+
+
+class Interrupted(SystemExit):
+    """Training stopped by SIGTERM: exits 143 so schedulers and CI record a failure, not a success."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_INTERRUPTED)
+        self.step = step
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened resolved config less the keys in NOT_IDENTITY."""
+    return {k: v for k, v in flatten(cfg).items()
+            if not any(k == n or k.startswith(n + ".") for n in NOT_IDENTITY)}
+
+
+def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    missing = "<absent>"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in keys
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def check_identity(out: Path, cfg: Mapping[str, Any], *, resuming: bool, replace: bool = False) -> str:
+    """Compare the config with the one the folder's run was started with; returns the config hash.
+
+    A mismatch is an error when something would be reused or left beside this run's files (a checkpoint
+    to resume, a result), unless ``replace`` (retrain in place) is asked for; the record is then this run's.
+    """
+    ident = identity(cfg)
+    digest = config_hash(ident)
+    record = out / RUN_CONFIG
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old["hash"] != digest and not replace and (resuming or (out / "result.json").exists()):
+            changes = diff(old["config"], ident)
+            shown = "\n  ".join(changes[:25]) + (f"\n  ... {len(changes) - 25} more" if len(changes) > 25 else "")
+            raise ConfigMismatch(
+                f"{out} holds a run started with another config ({len(changes)} keys differ, old -> new):\n  "
+                f"{shown}\nWays forward: rerun with the original settings to resume it; or give this run its own "
+                f"folder (hydra.run.dir=<new dir>, or experiment=<new name>); or retrain in place from scratch "
+                f"with task.train.resume=false (its checkpoint and results are replaced).")
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"hash": digest, "config": ident}, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, record)
+    return digest
+
+
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint is a zip archive: a truncated one has no central directory (cheap to check)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointUnreadable(
+            f"{path} cannot be read ({err}): it is truncated or corrupt. Move it away to restart this run "
+            f"from step 0 (mv {path} {path}.bad), or restore it from a copy, then rerun the same command.") from None
+
+
+def clean_orphans(out: Path) -> list[Path]:
+    """Remove ``*.tmp`` files left in ``checkpoints/`` by a write that was killed (only called under the lock)."""
+    removed = []
+    for p in (out / "checkpoints").glob("*.tmp"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        print(f"[isdpo] removed {len(removed)} unfinished checkpoint write(s) of an earlier, killed run: "
+              + ", ".join(p.name for p in removed))
+    return removed
+
+
+@contextmanager
+def run_folder_lock(out: Path):
+    """Held for the whole run by global rank zero; a second process on the same folder stops at once.
+
+    flock is released by the kernel when the holder dies (kill -9 included), so a lock is never stale.
+    """
+    if rank_world()[0] != 0:  # the other ranks of this run's own job
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise RunFolderBusy(
+            f"another process is running in {out} ({holder}). Wait for it to finish (rerunning the same command "
+            f"afterwards resumes or reuses its result), stop it, or give this run its own folder "
+            f"(hydra.run.dir=<new dir>).") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        clean_orphans(out)
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def fit(trainer, module, loader, ckpt_path: str | None = None) -> None:
+    """``trainer.fit`` where a SIGTERM ends the process with :class:`Interrupted` (exit 143), not exit 0.
+
+    A submitit requeue exits from its own signal handler (``sys.exit(-1)``), which passes through unchanged.
+    """
+    try:
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        step = trainer.global_step
+        print(f"[isdpo] interrupted at step {step}; rerun the same command to resume", flush=True)
+        raise Interrupted(step) from None

@@ -1,0 +1,111 @@
+"""Training-loop details: attention dropout off in the policy, learning rate and gradient norm logged,
+a progress bar that counts optimizer steps."""
+import copy
+import math
+import random
+
+import lightning as L
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from isdpo.data.collate import PreferenceCollator, SFTCollator
+from isdpo.losses import build_loss
+from isdpo.module import PreferenceModule, SFTModule
+from isdpo.optim import warmup_schedule
+from isdpo.trainer import build_trainer
+
+HW = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "precision": "32-true", "strategy": "auto"}
+IS = {"enabled": True, "log_clip": 0.0, "weight": "sequence", "lower_log_clip": None, "self_normalize": False}
+V = 23
+
+
+def pairs(n=8, seed=0):
+    rng = random.Random(seed)
+    tok = lambda k: [rng.randrange(1, V) for _ in range(k)]  # noqa: E731
+    return [{"prompt_ids": tok(3), "chosen_ids": tok(5), "rejected_ids": tok(4)} for _ in range(n)]
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_dropout_is_off_in_the_policy(attn):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.3,
+                      attn_implementation=attn)
+    policy = LlamaForCausalLM(cfg)
+    reference = frozen_copy(policy)
+    module = PreferenceModule(policy, reference, build_loss("dpo", 0.1, importance_sampling=IS), lr=1e-3)
+    assert module.policy.training
+    batch = PreferenceCollator(0)(pairs(8))
+    torch.manual_seed(1)
+    out = module.loss_fn(module.pair_logps(batch))
+    assert torch.equal(out.weights, torch.ones(8))  # rho = 0 and log w = 0 exactly, as without dropout
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert reference.config.attention_dropout == 0.3  # the reference is left as it is (eval mode anyway)
+
+
+class Record(L.Callback):
+    """The gradient norm (before clipping) and the learning rate each optimizer step, as computed here."""
+
+    def __init__(self):
+        self.norms, self.lrs, self.logged = [], [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.policy.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, *args):
+        m = trainer.callback_metrics
+        self.logged.append({k: float(m[k]) for k in ("train/grad_norm", "train/learning_rate") if k in m})
+
+
+def test_preference_training_logs_lr_and_the_unclipped_grad_norm(tiny_lm, tmp_path):
+    policy = tiny_lm.train()
+    reference = frozen_copy(tiny_lm)
+    with torch.no_grad():  # a reference that differs, so the gradient is not tiny
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    module = PreferenceModule(policy, reference, build_loss("dpo", 0.5), lr=1e-2, warmup_steps=2,
+                              schedule="cosine")
+    rec = Record()
+    loader = torch.utils.data.DataLoader(pairs(8), batch_size=2, collate_fn=PreferenceCollator(0))
+    trainer = build_trainer(HW, max_steps=3, accumulate=2, run_dir=tmp_path, logger=False, callbacks=[rec],
+                            gradient_clip_val=1e-4, progress=False)
+    trainer.fit(module, loader)
+    steps = [d for d in rec.logged[1::2]]  # the metrics after each optimizer step (2 micro-batches each)
+    assert len(steps) == len(rec.norms) == 3
+    for d, norm, lr, s in zip(steps, rec.norms, rec.lrs, range(3)):
+        assert norm > 1e-3  # far above the clip value: the logged norm is the one before clipping
+        assert d["train/grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert lr == pytest.approx(1e-2 * warmup_schedule(s, warmup_steps=2, total_steps=3, schedule="cosine"))
+        assert d["train/learning_rate"] == pytest.approx(lr, rel=1e-6)
+
+
+def test_sft_logs_the_learning_rate(tiny_lm, tmp_path):
+    rng = random.Random(0)
+    data = [{"prompt_ids": [1, 2], "response_ids": [rng.randrange(1, V) for _ in range(5)]} for _ in range(6)]
+    module = SFTModule(tiny_lm.train(), lr=1e-3, warmup_steps=3, schedule="constant")
+    rec = Record()
+    trainer = build_trainer(HW, max_steps=-1, max_epochs=1, accumulate=1, run_dir=tmp_path, logger=False,
+                            callbacks=[rec], progress=False)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2, collate_fn=SFTCollator(0)))
+    assert [d["train/learning_rate"] for d in rec.logged] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
+
+
+def test_progress_bar_counts_optimizer_steps(tiny_lm, tmp_path, capsys):
+    module = PreferenceModule(tiny_lm.train(), frozen_copy(tiny_lm), build_loss("dpo", 0.5), lr=1e-3)
+    loader = torch.utils.data.DataLoader(pairs(16), batch_size=2, collate_fn=PreferenceCollator(0))
+    trainer = build_trainer(HW, max_steps=3, accumulate=2, run_dir=tmp_path, logger=False, callbacks=[],
+                            progress=True)
+    trainer.fit(module, loader)
+    out = capsys.readouterr().out
+    assert "step 3/3" in out, out[-2000:]
+    assert "step 4/" not in out and "Epoch" not in out, out[-2000:]
