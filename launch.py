@@ -7,10 +7,11 @@ import logging
 import os
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from isdpo.resolvers import register as register_resolvers
+from isdpo.schema import store as store_schemas
 
 # Hydra's root handler and Lightning's own handler would print every Lightning line twice.
 logging.getLogger("lightning.pytorch").propagate = False
@@ -19,14 +20,17 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # Resolved in this process when Hydra composes (run dir, launcher settings), before any job starts.
 register_resolvers()
+# The schemas the conf/ files extend (`- /schema/<name>@_here_`); they travel to submitit's jobs with Hydra's state.
+store_schemas(ConfigStore.instance())
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    # Imported here, not at the top: `--help`, `--cfg` and a multirun's parent process never load torch.
     from isdpo.config import validate
     from isdpo.stages import run_stage
 
-    validate(cfg, overrides=HydraConfig.get().overrides.task)
+    validate(cfg)
     result = run_stage(cfg)
     if isinstance(result, dict) and result.get("final"):
         f, p = result["final"], result["peak"]

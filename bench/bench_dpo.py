@@ -391,17 +391,11 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from isdpo.data.batching import LengthGroupedSampler, PackedPreferenceCollator
-    from isdpo.data.collate import PreferenceCollator
-    from isdpo.data.loader import ResumableLoader
-    from isdpo.logprobs import batch_logps, compile_decoder
+    from isdpo.data.batching import LengthGroupedSampler, pair_length
     from isdpo.losses import build_loss
-    from isdpo.module import PreferenceModule
+    from isdpo.recipe import pair_collator, pair_loader, preference_module, prepare_model
     from isdpo.ref_cache import add_reference_logps
     from isdpo.trainer import build_trainer
-
-    def BenchModule(*a, fused_adam=False, **kw):  # noqa: N802 - stage=align's module, bench's keyword
-        return PreferenceModule(*a, fused_adamw=fused_adam, **kw)
 
     class Timer(L.Callback):
         def __init__(self):
@@ -416,8 +410,6 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
     examples = bench.examples
     out: dict = {}
     policy = bench.build_model()
-    if spec.grad_ckpt:
-        policy.gradient_checkpointing_enable()
     reference = freeze_copy(bench) if spec.ref == "online" or spec.ref == "precomputed" else None
     if spec.ref == "precomputed":
         t = time.perf_counter()
@@ -428,23 +420,21 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
         del reference
         reference = None
         release_memory()
-    if spec.compile:
-        compile_decoder(policy)
-    collate = (PackedPreferenceCollator(bench.pad_id, share_prompt=spec.share_prompt) if spec.packing
-               else PreferenceCollator(bench.pad_id))
+    prepare_model(policy, activation_checkpointing=spec.grad_ckpt, compile=spec.compile)
     if spec.grouped:
         # warm-up batches first (the same pairs as every other configuration), then the timed pairs in
         # length-grouped order (isdpo.data.batching.LengthGroupedSampler, as LengthGroupedLoader uses it)
         w = S.warmup * B
-        from isdpo.data.batching import pair_length
-
         sampler = LengthGroupedSampler([pair_length(e) for e in examples[w:]], B, seed=0)
-        order = list(range(w)) + [w + i for i in sampler._indices()]
-        loader = DataLoader(examples, batch_size=B, sampler=order, collate_fn=collate, drop_last=True)
+        order = list(range(w)) + [w + i for i in sampler.indices()]
+        loader = DataLoader(examples, batch_size=B, sampler=order, drop_last=True,
+                            collate_fn=pair_collator(bench.pad_id, packing=spec.packing, share_prompt=spec.share_prompt))
     else:
-        loader = ResumableLoader(examples, batch_size=B, seed=0, shuffle=False, collate_fn=collate)
-    module = BenchModule(policy, reference, build_loss("dpo", BETA), lr=LR, schedule="constant",
-                         response_only=spec.response_only, concatenated=spec.concatenated, fused_adam=spec.fused_adam)
+        loader = pair_loader(examples, batch_size=B, seed=0, shuffle=False, pad_id=bench.pad_id, packing=spec.packing,
+                             share_prompt=spec.share_prompt)
+    module = preference_module(policy, reference, build_loss("dpo", BETA), lr=LR, schedule="constant",
+                               response_only=spec.response_only, concatenated=spec.concatenated,
+                               fused_adamw=spec.fused_adam)
     hw = {"accelerator": "gpu" if torch.cuda.is_available() else "cpu", "devices": 1, "num_nodes": 1,
           "precision": "bf16-mixed" if BF16 else "32-true", "strategy": "auto"}
     timer = Timer()

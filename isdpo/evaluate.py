@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from isdpo.data.collate import pad_sequences
-from isdpo.logprobs import sequence_logps
+from isdpo.logprobs import response_logps
+from isdpo.sampling import sample_responses
 
 
 def k3_kl(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
@@ -31,21 +31,6 @@ def win_rate(policy_scores: Tensor, reference_scores: Tensor) -> float:
     """Fraction of policy completions that beat their reference completion; ties count half."""
     wins = (policy_scores > reference_scores).float() + 0.5 * (policy_scores == reference_scores).float()
     return wins.mean().item()
-
-
-@torch.no_grad()
-def batched_logps(model, prompts, responses, pad_id: int, batch_size: int = 256) -> Tensor:
-    """log pi(y|x) for many (prompt, response) pairs, in batches."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        b = pad_sequences(prompts[i : i + batch_size], responses[i : i + batch_size], pad_id)
-        lp, _ = sequence_logps(model, **{k: v.to(device) for k, v in b.items()})
-        out.append(lp.float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
 
 
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tensor]
@@ -81,8 +66,6 @@ class Evaluator:
         self.reference_scores = self.score_fn(self.prompts, self.reference_responses).float()
 
     def _sample(self, policy, temperature, top_p, seed):
-        from isdpo.sampling import sample_responses
-
         prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
         resp = sample_responses(
             policy, prompts, max_new_tokens=self.max_new_tokens, pad_id=self.pad_id, eos_id=self.eos_id,
@@ -98,8 +81,8 @@ class Evaluator:
             kl_prompts, kl_resp = self._sample(policy, 1.0, 1.0, self.seed + 1)
         else:
             kl_prompts, kl_resp = prompts, resp
-        pol_lp = batched_logps(policy, kl_prompts, kl_resp, self.pad_id, self.batch_size)
-        ref_lp = batched_logps(self.reference, kl_prompts, kl_resp, self.pad_id, self.batch_size)
+        pol_lp = response_logps(policy, kl_prompts, kl_resp, pad_id=self.pad_id, batch_size=self.batch_size)
+        ref_lp = response_logps(self.reference, kl_prompts, kl_resp, pad_id=self.pad_id, batch_size=self.batch_size)
         return {
             "win_rate": win_rate(scores, ref_scores),
             "kl": k3_kl(pol_lp, ref_lp).mean().item(),

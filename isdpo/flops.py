@@ -103,7 +103,7 @@ def step_flops(n_policy: int, policy_tokens: int, n_ref: int = 0, ref_tokens: in
     return 6.0 * n_policy * policy_tokens + 2.0 * n_ref * ref_tokens
 
 
-class ThroughputMonitor(L.Callback):
+class PerfMonitor(L.Callback):
     """Logs ``perf/tokens_per_s``, ``perf/pairs_per_s`` (preference batches) and ``perf/mfu`` (when a peak is known).
 
     peak_flops: FLOP/s of ONE device; ``"auto"`` looks the device up in :data:`PEAK_TFLOPS` with the

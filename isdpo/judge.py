@@ -43,6 +43,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+
 __all__ = [
     "JUDGE_PROMPT",
     "format_judge_prompt",
@@ -62,11 +64,10 @@ __all__ = [
 # ---------------------------------------------------------------------------
 
 #: The judge prompt of the paper's Table 2 (appendix C), placeholders as
-#: ``str.format`` fields. Transcription notes: both available transcriptions
-#: (PAPER.md and the appendix OCR) wrap the prose at different columns, so the
-#: wraps are typesetting and each instruction paragraph is one line here (as in
-#: DPO's original prompt); "Response B: <Response B>" sits on one line in both,
-#: so it does here too.
+#: ``str.format`` fields (docs/method.md quotes the table). The paper wraps the
+#: prose at its page's columns, so the wraps are typesetting and each instruction
+#: paragraph is one line here (as in DPO's original prompt); "Response B:
+#: <Response B>" sits on one line in the table, so it does here too.
 JUDGE_PROMPT = (
     "For the following dialogue history to a chatbot, which response is more helpful?\n"
     "Dialogue history:\n"
@@ -608,8 +609,6 @@ class HFJudge:
         """Per prompt: logp_a, logp_b (next-token log-probabilities, each letter summed
         over its spellings), p_a, p_b (their probabilities; p_a + p_b <= 1) and
         p_a_given_ab = p_a / (p_a + p_b)."""
-        import torch
-
         encoded = [self._encode(p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out: list[dict[str, float] | None] = [None] * len(encoded)

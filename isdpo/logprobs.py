@@ -21,8 +21,14 @@ fast one) or a packed, padding-free batch (isdpo.data.batching.PackedPreferenceC
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Sequence
+
 import torch
 from torch import Tensor
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+from isdpo.data.collate import pad_sequences
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -53,11 +59,13 @@ def sequence_logps(
     loss_mask: Tensor,
     *,
     response_only: bool = True,
+    logits_processor: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the masked tokens of each row, and the number of such tokens.
 
     ``loss_mask[i, t] = 1`` marks token ``input_ids[i, t]`` as a response token; it
     is predicted from position ``t - 1``, so ``loss_mask[:, 0]`` must be 0.
+    ``logits_processor`` maps [M, V] logits before the softmax (a sampling distribution's warpers).
     Returns ``(logps [N] float32, n_tokens [N] float32)``.
     """
     position_ids = position_ids_from_mask(attention_mask)
@@ -70,12 +78,16 @@ def sequence_logps(
         ).last_hidden_state[:, :-1]
         rows = target_mask.nonzero(as_tuple=True)[0]
         logits = model.get_output_embeddings()(hidden[target_mask])  # [M, V], M = response tokens
+        if logits_processor is not None:
+            logits = logits_processor(logits.float())
         token_logps = selective_log_softmax(logits, targets[target_mask])
         sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device)
         return sums.index_add(0, rows, token_logps), n_tokens
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).logits[:, :-1]
+    if logits_processor is not None:
+        logits = logits_processor(logits.float().reshape(-1, logits.shape[-1])).reshape(logits.shape)
     token_logps = selective_log_softmax(logits, targets)
     return (token_logps * target_mask).sum(-1), n_tokens
 
@@ -188,3 +200,63 @@ def compile_decoder(model, **kwargs):
     kwargs.setdefault("dynamic", True)
     model.base_model.compile(**kwargs)
     return model
+
+
+@contextmanager
+def inference(model, device: str | torch.device | None = None):
+    """``model`` in eval mode under ``no_grad`` for the block, on ``device`` ("auto": CUDA when available;
+    None: where it is); yields the device. Its device and train mode are restored afterwards, so a large
+    frozen model holds accelerator memory only while it is used."""
+    home = next(model.parameters()).device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else home
+    target = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    if target != home:
+        model.to(target)
+    try:
+        with torch.no_grad():
+            yield target
+    finally:
+        if target != home:
+            model.to(home)
+        model.train(was_training)
+
+
+def sampling_warpers(temperature: float = 1.0, top_p: float = 1.0) -> Callable[[Tensor], Tensor] | None:
+    """The logits warpers of ``generate(do_sample=True, temperature, top_p, top_k=0)``, as one function
+    (None when they change nothing): the log-probs of the distribution responses were sampled from."""
+    warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + (
+        [TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    if not warpers:
+        return None
+
+    def apply(logits: Tensor) -> Tensor:
+        for w in warpers:
+            logits = w(None, logits)
+        return logits
+
+    return apply
+
+
+def response_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
+                   batch_size: int = 256, temperature: float = 1.0, top_p: float = 1.0,
+                   sort_by_length: bool = False, device: str | torch.device | None = None) -> Tensor:
+    """log p(y|x) [N] (float32, CPU) of token-id (prompt, response) pairs under a frozen ``model``, in batches.
+
+    With ``temperature``/``top_p`` p is the model's sampling distribution under those warpers (behaviour
+    log-probs). ``sort_by_length`` batches rows of similar length (less padding; results in input order).
+    """
+    order = (sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i])) if sort_by_length
+             else list(range(len(prompts))))
+    warp = sampling_warpers(temperature, top_p)
+    out = torch.empty(len(order))
+    with inference(model, device) as dev:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            b = pad_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)
+            lp, _ = sequence_logps(model, b["input_ids"].to(dev), b["attention_mask"].to(dev), b["loss_mask"].to(dev),
+                                   logits_processor=warp)
+            out[idx] = lp.float().cpu()
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,8 +27,6 @@ def load_causal_lm(cfg: Mapping[str, Any], *, vocab_size: int | None = None, pat
 
     ``vocab_size`` is required for random init (the task owns the vocabulary).
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
     dtype = torch_dtype(cfg.get("dtype", "float32"))
     source = path or cfg.get("pretrained")
     if source:
@@ -44,16 +43,11 @@ def load_causal_lm(cfg: Mapping[str, Any], *, vocab_size: int | None = None, pat
             raise ValueError("model.pretrained is null, so the task must provide vocab_size for a random init")
         arch = dict(cfg.get("config") or {})
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **arch)).to(dtype)
-    if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
     return model
 
 
 def load_tokenizer(cfg: Mapping[str, Any], path: str | None = None):
     """Tokenizer with a pad token and the padding side set (right for training; generation pads left itself)."""
-    from transformers import AutoTokenizer
-
     source = path or cfg.get("tokenizer") or cfg.get("pretrained")
     kwargs: dict[str, Any] = {}
     if cfg.get("gguf_file") and path is None and not cfg.get("tokenizer"):

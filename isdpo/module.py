@@ -1,9 +1,10 @@
-"""LightningModules: preference training (any DAA, IS variants included) and SFT.
+"""LightningModules: preference training (any DAA, IS variants included), SFT, and the golden RM's
+Bradley-Terry training.
 
-Both wrap any Hugging Face causal LM. The preference module holds the trainable
+They wrap any Hugging Face model. The preference module holds the trainable
 policy and a frozen reference (or reads precomputed reference log-probs from
 the batch); the loss itself lives in isdpo.losses, this module only wires it.
-Both stop with :class:`NonFiniteError` at the first non-finite loss or gradient
+All stop with :class:`NonFiniteError` at the first non-finite loss or gradient
 norm, before the optimizer step applies it.
 """
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Mapping
 
 import lightning as L
 import torch
+from torch import Tensor
 from lightning.pytorch.strategies import FSDPStrategy
 
+from isdpo.golden_rm import bradley_terry_loss, sequence_rewards
 from isdpo.logprobs import batch_logps
 from isdpo.losses import DAALoss, PairLogps
 from isdpo.models import freeze
@@ -51,7 +54,7 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-class _LMModule(L.LightningModule):
+class LMModule(L.LightningModule):
     """Shared optimisation plumbing; the policy is the only thing checkpointed."""
 
     # Config block of the stage's optimisation settings, named in error messages.
@@ -158,7 +161,7 @@ class _LMModule(L.LightningModule):
                                 self.config_block)
 
 
-class PreferenceModule(_LMModule):
+class PreferenceModule(LMModule):
     """Preference training of ``policy`` against a frozen ``reference`` with ``loss_fn``.
 
     Chosen and rejected rows arrive stacked in one batch (isdpo.data.collate), so
@@ -213,7 +216,7 @@ class PreferenceModule(_LMModule):
         return out.loss
 
 
-class SFTModule(_LMModule):
+class SFTModule(LMModule):
     """Supervised fine-tuning: mean token NLL of the response (the reference policy of the pipeline)."""
 
     config_block = "task.sft"
@@ -224,3 +227,31 @@ class SFTModule(_LMModule):
         self.record(loss)
         self.log("train/sft_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+
+class RewardModule(LMModule):
+    """Bradley-Terry training of a sequence-classification model on stacked chosen/rejected batches."""
+
+    config_block = "task.reward"
+
+    def _pair_rewards(self, batch) -> tuple[Tensor, Tensor]:
+        r = sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"])
+        n = r.shape[0] // 2
+        return r[:n], r[n:]
+
+    def training_step(self, batch, batch_idx):
+        rc, rr = self._pair_rewards(batch)
+        loss, acc = bradley_terry_loss(rc, rr)
+        n = rc.shape[0]
+        self.record(loss)
+        self.log("reward/train_loss", loss.detach(), prog_bar=True, batch_size=n)
+        self.log("reward/train_accuracy", acc, batch_size=n)
+        self.log("reward/margin", (rc - rr).detach().mean(), batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        rc, rr = self._pair_rewards(batch)
+        loss, acc = bradley_terry_loss(rc, rr)
+        n = rc.shape[0]
+        self.log("reward/val_loss", loss, batch_size=n, on_epoch=True, sync_dist=True)
+        self.log("reward/val_accuracy", acc, prog_bar=True, batch_size=n, on_epoch=True, sync_dist=True)

@@ -5,7 +5,8 @@ import math
 
 import torch
 
-SCHEDULES = ("cosine", "constant")
+from isdpo.schema import SCHEDULES
+
 
 
 def warmup_schedule(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:

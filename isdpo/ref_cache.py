@@ -11,7 +11,7 @@ so one no-grad pass before training replaces a reference forward at every step o
 - the DATA: every pair's prompt/chosen/rejected token ids, in order;
 
 so all the jobs of a sweep (losses x betas x seeds) share one pass (with several data-parallel
-ranks, rank 0 computes it and the others wait for the entry: isdpo.cache). Each example then carries
+ranks, rank 0 computes it and the others wait for the entry: isdpo.artifacts). Each example then carries
 ``chosen_ref_logp`` / ``rejected_ref_logp``, which isdpo.module.PreferenceModule uses instead of
 a reference forward (the reference may then be None).
 
@@ -29,8 +29,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from isdpo.cache import cached_dir
-from isdpo.evaluate import batched_logps
+from isdpo.artifacts import cached_dir
+from isdpo.logprobs import response_logps
 
 
 def weights_fingerprint(model) -> str:
@@ -54,22 +54,13 @@ def data_fingerprint(examples: Sequence[Mapping[str, Any]]) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
 def compute_reference_logps(reference, examples: Sequence[Mapping[str, Any]], *, pad_id: int,
-                            batch_size: int = 32, device: str | torch.device | None = None) -> torch.Tensor:
+                            batch_size: int = 32, device: str | torch.device | None = "auto") -> torch.Tensor:
     """[N, 2] float32: log pi_ref(chosen|x), log pi_ref(rejected|x), rows sorted by length into batches."""
-    home = next(reference.parameters()).device
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else home)
-    reference.to(device)
-    try:
-        prompts = [e["prompt_ids"] for e in examples] * 2
-        responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-        lp = batched_logps(reference, [prompts[i] for i in order], [responses[i] for i in order], pad_id, batch_size)
-        out = torch.empty(len(prompts))
-        out[order] = lp
-    finally:
-        reference.to(home)
+    prompts = [e["prompt_ids"] for e in examples] * 2
+    responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    out = response_logps(reference, prompts, responses, pad_id=pad_id, batch_size=batch_size, sort_by_length=True,
+                         device=device)
     n = len(examples)
     return torch.stack([out[:n], out[n:]], dim=1)
 
@@ -83,7 +74,7 @@ def add_reference_logps(
     tokenizer_key: Any = None,
     lengths: Mapping[str, Any] | None = None,
     batch_size: int = 32,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
 ) -> tuple[list[dict], Path, bool]:
     """Copies of ``examples`` with ``chosen_ref_logp``/``rejected_ref_logp``; ``(examples, entry, hit)``."""
     key = {"weights": weights_fingerprint(reference), "data": data_fingerprint(examples), "n": len(examples),

@@ -44,6 +44,9 @@ from typing import Any, Callable
 
 import yaml  # PyYAML, a dependency of omegaconf
 
+from isdpo.report_plots import FIGURES, loss_order, save_figure, series_colours
+from isdpo.schema import flatten
+
 RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
     ".hydra/overrides.yaml"
 
@@ -147,18 +150,6 @@ def value_order(value) -> tuple:
     if isinstance(value, (int, float)):
         return 0, float(value), ""
     return 1, 0.0, format_value(value)
-
-
-def flatten(tree, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> {"a.b.c": leaf}; lists are leaves."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.\-]*)\}")
@@ -460,8 +451,6 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 def summarise(runs: list[Run]) -> list[dict]:
     """One row per configuration (task, loss, beta and the other varying settings) of the completed runs: the
     shown settings (``Run.variant``, as text), seeds and mean/std/n of each ``RUN_QUANTITIES``."""
-    from isdpo.report_plots import loss_order
-
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.ok:
@@ -626,8 +615,6 @@ def wandb_markdown(project: str, rows: list[dict], error: str | None) -> str:
 
 def make_figures(runs: list[Run], out: Path, show_seeds: bool = True) -> dict[str, list[tuple[Path, str]]]:
     """Draw and save every figure of ``report_plots.FIGURES`` per task; returns task -> [(png, caption)]."""
-    from isdpo.report_plots import FIGURES, save_figure, series_colours
-
     done = [r for r in runs if r.ok]
     colours = series_colours(done)  # one mapping for all tasks and figures
     pngs: dict[str, list[tuple[Path, str]]] = {}

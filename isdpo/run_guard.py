@@ -14,10 +14,10 @@ from typing import Any, Mapping
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from isdpo.cache import config_hash, rank_world
+from isdpo.artifacts import RUN_CONFIG, RUN_LOCK, config_hash
+from isdpo.distributed import rank_world
+from isdpo.schema import flatten
 
-RUN_CONFIG = "run_config.json"
-LOCK = ".isdpo.lock"
 # Keys that say where and how a run is written or watched, not what it computes: they may change between
 # a run and its resume.
 NOT_IDENTITY = ("logger", "stage", "paths", "experiment", "run_name", "judge", "hydra",
@@ -44,17 +44,6 @@ class Interrupted(SystemExit):
     def __init__(self, step: int):
         super().__init__(EXIT_INTERRUPTED)
         self.step = step
-
-
-def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,7 +117,7 @@ def run_folder_lock(out: Path):
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK
+    path = out / RUN_LOCK
     fh = open(path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,13 +141,13 @@ def run_folder_lock(out: Path):
         fh.close()
 
 
-def fit(trainer, module, loader, ckpt_path: str | None = None) -> None:
+def fit(trainer, module, loader, val_loader=None, *, ckpt_path: str | None = None) -> None:
     """``trainer.fit`` where a SIGTERM ends the process with :class:`Interrupted` (exit 143), not exit 0.
 
     A submitit requeue exits from its own signal handler (``sys.exit(-1)``), which passes through unchanged.
     """
     try:
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        trainer.fit(module, loader, val_loader, ckpt_path=ckpt_path)
     except SIGTERMException:
         step = trainer.global_step
         print(f"[isdpo] interrupted at step {step}; rerun the same command to resume", flush=True)

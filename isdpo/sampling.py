@@ -7,9 +7,9 @@ import torch
 from tqdm.auto import tqdm
 
 from isdpo.data.collate import pad_sequences
+from isdpo.logprobs import inference
 
 
-@torch.no_grad()
 def sample_responses(
     model,
     prompts: Sequence[Sequence[int]],
@@ -30,12 +30,8 @@ def sample_responses(
     untouched, which keeps resumed runs identical to uninterrupted ones.
     Without ``eos_id`` every response has exactly ``max_new_tokens`` tokens.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     out: list[list[int]] = []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with inference(model) as device, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
@@ -59,5 +55,4 @@ def sample_responses(
                 if eos_id is not None and eos_id in row:
                     row = row[: row.index(eos_id) + 1]
                 out.append(row)
-    model.train(was_training)
     return out

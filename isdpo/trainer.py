@@ -12,11 +12,14 @@ import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 
 from isdpo.data.loader import LoaderProgress
 from isdpo.module import check_finite_parameters
+from isdpo.schema import LOGGERS, flatten
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -103,38 +106,35 @@ def wandb_mode(mode: str) -> str:
     return "online" if has_key else "offline"
 
 
-def flat_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"loss.name": "isdpo", ...}``: W&B groups and filters on flat keys."""
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flat_config(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def build_logger(logger_cfg: Mapping[str, Any], *, run_dir: Path, run_name: str, group: str, job_type: str,
                  tags: list[str], run_id: str, config: Mapping[str, Any]):
     kind = logger_cfg["name"]
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
         return CSVLogger(save_dir=str(run_dir), name="csv", version=job_type)
     if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
         logger = WandbLogger(
             project=logger_cfg["project"], entity=logger_cfg.get("entity"), name=run_name, group=group,
             job_type=job_type, tags=tags, id=run_id, resume="allow", save_dir=str(run_dir),
             mode=wandb_mode(logger_cfg.get("mode", "auto")),
         )
-        logger.log_hyperparams(flat_config(config))
+        logger.log_hyperparams(flatten(config))
         return logger
-    raise ValueError(f"logger.name={kind!r} is not known; allowed: wandb, csv, none")
+    raise ValueError(f"logger.name={kind!r} is not known; allowed: {', '.join(LOGGERS)}")
+
+
+def finish_logger(logger) -> None:
+    """``wandb.finish()`` for a W&B logger, in a ``finally``: one failed job of a multirun must not hang the rest."""
+    if logger and hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
+        import wandb  # only when W&B is the logger
+
+        try:
+            wandb.finish()
+        except Exception as err:  # noqa: BLE001
+            # On a SLURM requeue every process of the job gets SIGTERM, W&B's service included; an error
+            # here must not replace submitit's requeue exit (Hydra would mark the job failed).
+            print(f"[isdpo] warning: wandb.finish() failed: {err}")
 
 
 def build_strategy(hw: Mapping[str, Any], model=None):
@@ -142,8 +142,6 @@ def build_strategy(hw: Mapping[str, Any], model=None):
     name = hw["strategy"]
     if name != "fsdp":
         return name
-    from lightning.pytorch.strategies import FSDPStrategy
-
     layer_names = set(getattr(model, "_no_split_modules", None) or [])
     layers = {type(m) for m in (model.modules() if model is not None else []) if type(m).__name__ in layer_names}
     return FSDPStrategy(

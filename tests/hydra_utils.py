@@ -4,12 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from isdpo.resolvers import register
+from isdpo.schema import store
 
 register()
+store(ConfigStore.instance())  # as launch.py: the schemas conf/ extends
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

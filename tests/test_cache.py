@@ -1,4 +1,4 @@
-"""The shared cache (isdpo.cache): keys follow the data's bytes, broken entries are rebuilt, orphaned
+"""The shared cache (isdpo.artifacts): keys follow the data's bytes, broken entries are rebuilt, orphaned
 temporary builds are removed, and data-parallel ranks never wait on each other's lock (rank 0 builds or
 publishes, the other ranks wait for the entry)."""
 import json
@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from isdpo import cache
-from isdpo.cache import BUILDER, cached_dir, config_hash, data_key, rank_world
-from isdpo.data.text_runtime import TextRuntime
-from isdpo.relabel import relabel_key
-from isdpo.reward import check_complete, publish, reward_key
+from isdpo import artifacts as cache
+from isdpo.artifacts import BUILDER, cached_dir, check_complete, config_hash, data_key, publish, relabel_key, reward_key
+from isdpo.distributed import rank_world
+from isdpo.tasks.text import TextRuntime
 from tests.fixtures_text import build_standins, text_overrides
 from tests.hydra_utils import ROOT, compose_cfg
 
@@ -174,7 +173,7 @@ def test_orphaned_temporary_builds_are_removed_live_ones_kept(single, tmp_path):
 
 def test_build_killed_midway_is_cleaned_by_the_next_run(single, tmp_path):
     started = tmp_path / "started"
-    code = ("import sys, time; from pathlib import Path; from isdpo.cache import cached_dir; "
+    code = ("import sys, time; from pathlib import Path; from isdpo.artifacts import cached_dir; "
             "cached_dir(sys.argv[1], 'sft', {'k': 1}, lambda tmp: (Path(sys.argv[2]).touch(), time.sleep(120)))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache"), str(started)], cwd=ROOT)
     try:

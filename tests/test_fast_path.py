@@ -21,7 +21,7 @@ import torch
 from isdpo.data.batching import (LengthGroupedLoader, LengthGroupedSampler, PackedPreferenceCollator,
                                  pair_length)
 from isdpo.data.collate import PreferenceCollator
-from isdpo.flops import ThroughputMonitor, matmul_params, peak_flops, step_flops
+from isdpo.flops import PerfMonitor, matmul_params, peak_flops, step_flops
 from isdpo.logprobs import batch_logps, batch_token_counts, compile_decoder
 from isdpo.losses import PairLogps, build_loss
 from isdpo.module import PreferenceModule
@@ -170,7 +170,7 @@ def test_d_length_grouped_batches_give_each_pair_the_same_loss(models):
         return loss(PairLogps(lp[:k], lp[k:], ref[:k], ref[k:], n[:k], n[k:])).losses
 
     everything = per_pair(pairs)
-    order = LengthGroupedSampler([pair_length(p) for p in pairs], 3, seed=0)._indices()
+    order = LengthGroupedSampler([pair_length(p) for p in pairs], 3, seed=0).indices()
     grouped = torch.empty(len(pairs))
     for i in range(0, len(order), 3):
         idx = order[i:i + 3]
@@ -186,12 +186,12 @@ def test_d_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     rng = random.Random(0)
     lengths = [rng.randint(100, 600) for _ in range(203)]
     s = LengthGroupedSampler(lengths, 8, seed=5, group_batches=8)
-    a = s._indices()
+    a = s.indices()
     assert sorted(a) == list(range(203))
-    assert a == LengthGroupedSampler(lengths, 8, seed=5, group_batches=8)._indices()  # deterministic by seed
-    assert a != LengthGroupedSampler(lengths, 8, seed=6, group_batches=8)._indices()
+    assert a == LengthGroupedSampler(lengths, 8, seed=5, group_batches=8).indices()  # deterministic by seed
+    assert a != LengthGroupedSampler(lengths, 8, seed=6, group_batches=8).indices()
     s.epoch = 1
-    assert s._indices() != a  # a new order every epoch
+    assert s.indices() != a  # a new order every epoch
     random_order = list(range(203))
     random.Random(1).shuffle(random_order)
     assert _padded_slots(lengths, a, 8) < 0.8 * _padded_slots(lengths, random_order, 8)
@@ -200,7 +200,7 @@ def test_d_length_grouped_sampler_is_a_seeded_permutation_with_less_padding():
     spread = [max(lengths[j] for j in b) - min(lengths[j] for j in b) for b in batches]
     assert statistics_median(spread) < 60
     # one group per batch = a plain shuffle of the same size
-    assert sorted(LengthGroupedSampler(lengths, 8, seed=5, group_batches=1)._indices()) == list(range(203))
+    assert sorted(LengthGroupedSampler(lengths, 8, seed=5, group_batches=1).indices()) == list(range(203))
 
 
 def statistics_median(xs):
@@ -212,19 +212,19 @@ def test_d_length_grouped_sampler_shards_global_batches_by_rank(monkeypatch):
     import isdpo.data.batching as batching
 
     lengths = [random.Random(i).randint(10, 500) for i in range(50)]
-    monkeypatch.setattr(batching, "_rank_world", lambda: (0, 1))
-    full = LengthGroupedSampler(lengths, 4, seed=2)._indices()
+    monkeypatch.setattr(batching, "rank_world", lambda launcher=False: (0, 1))
+    full = LengthGroupedSampler(lengths, 4, seed=2).indices()
     shards = []
     for rank in range(2):
-        monkeypatch.setattr(batching, "_rank_world", lambda rank=rank: (rank, 2))
-        shards.append(LengthGroupedSampler(lengths, 4, seed=2)._indices())
+        monkeypatch.setattr(batching, "rank_world", lambda launcher=False, rank=rank: (rank, 2))
+        shards.append(LengthGroupedSampler(lengths, 4, seed=2).indices())
     assert len(shards[0]) == len(shards[1]) == 25
     assert not set(shards[0]) & set(shards[1])
     # micro-batch j of every rank is a slice of the same global batch of 8 similar lengths
     g0 = LengthGroupedSampler(lengths, 4, seed=2)
-    monkeypatch.setattr(batching, "_rank_world", lambda: (0, 1))
+    monkeypatch.setattr(batching, "rank_world", lambda launcher=False: (0, 1))
     g0.batch_size = 8
-    glob = g0._indices()
+    glob = g0.indices()
     for j in range(3):
         assert set(shards[0][4 * j:4 * j + 4]) | set(shards[1][4 * j:4 * j + 4]) == set(glob[8 * j:8 * j + 8])
     assert sorted(full) == list(range(50))
@@ -296,8 +296,8 @@ def test_throughput_monitor_logs_tokens_and_mfu(models, tmp_path):
     pairs = make_pairs(n=12, seed=5)
     loader = torch.utils.data.DataLoader(pairs, batch_size=3, collate_fn=PreferenceCollator(0))
     module = PreferenceModule(policy, reference, build_loss("dpo", 0.5), lr=1e-3)
-    mon = ThroughputMonitor(peak_flops=1e12, log_every_n_steps=1)
-    auto = ThroughputMonitor(log_every_n_steps=3)  # CPU: tokens/s only
+    mon = PerfMonitor(peak_flops=1e12, log_every_n_steps=1)
+    auto = PerfMonitor(log_every_n_steps=3)  # CPU: tokens/s only
 
     class SlowEval(L.Callback):  # stands for EvalCallback: slow work after the batch, not training time
         def on_train_batch_end(self, *a):

@@ -194,13 +194,10 @@ def test_prompt_is_table2():
     assert "Response A:\n{x}\n" in format_judge_prompt("\n\nHuman: hi", " {x} ", "y")
 
 
-def test_prompt_matches_paper_transcription():
-    """Word for word equal to the Table 2 block of PAPER.md (line wraps aside)."""
-    paper = Path("/work/shared/PAPER.md")
-    if not paper.exists():
-        pytest.skip("PAPER.md not available")
-    text = paper.read_text()
-    block = text.split("Judge prompt (paper Table 2")[1].split("\n\n", 2)[1]
+def test_prompt_matches_the_papers_table2_as_docs_method_quotes_it():
+    """Word for word (line wraps aside) the Table 2 block quoted in docs/method.md."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    block = text.split("As the paper prints")[1].split("```text\n", 1)[1].split("```", 1)[0]
     words = " ".join(block.split())
     ours = " ".join(
         JUDGE_PROMPT.replace("{history}", "<dialogue history>")
@@ -208,7 +205,7 @@ def test_prompt_matches_paper_transcription():
         .replace("{response_b}", "<Response B>")
         .split()
     )
-    assert ours == words
+    assert len(words) > 300 and ours == words
 
 
 @pytest.mark.parametrize(

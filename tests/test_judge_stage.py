@@ -5,7 +5,7 @@ import pytest
 from omegaconf import open_dict
 
 from isdpo.config import ConfigError, validate
-from isdpo.judge_stage import run_judge_stage
+from isdpo.stages.judge import run_judge
 from tests.hydra_utils import compose_cfg
 from tests.test_judge import FakeChatServer, split_prompt
 
@@ -35,7 +35,7 @@ def test_judge_stage_judges_the_final_completions_and_updates_result(tmp_path, m
                            f"judge.base_url={server.base_url}"], tmp_path)
         validate(cfg)
         write_completions(tmp_path / "run")
-        summary = run_judge_stage(cfg)
+        summary = run_judge(cfg)
     assert summary["n"] == 8 and summary["win_rate"] == 1.0
     assert len(server.requests) == 8
     sent = [split_prompt(r["body"]["messages"][0]["content"]) for r in server.requests]
@@ -48,7 +48,7 @@ def test_judge_stage_judges_the_final_completions_and_updates_result(tmp_path, m
 def test_judge_needs_completions(tmp_path):
     cfg = compose_cfg(["task=hh", "model=llama32_3b", "judge=openai", "stage=judge"], tmp_path)
     with pytest.raises(FileNotFoundError, match="stage=judge needs the completions"):
-        run_judge_stage(cfg, judge=object())
+        run_judge(cfg, judge=object())
 
 
 @pytest.mark.parametrize("overrides,message", [

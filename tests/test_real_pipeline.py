@@ -11,12 +11,16 @@ from omegaconf import open_dict
 from transformers import AutoTokenizer
 
 from isdpo.data.collate import PreferenceCollator
-from isdpo.data.text_runtime import TextRuntime
-from isdpo.evaluate import batched_logps
 from isdpo.losses import build_loss
 from isdpo.module import PreferenceModule
-from isdpo.relabel import behavior_logps, pair_up, run_relabel_stage
-from isdpo.reward import GoldenRM, RewardModule, bradley_terry_loss, reward_dir, run_reward_stage, sequence_rewards
+from isdpo.relabel import pair_up
+from isdpo.artifacts import reward_dir
+from isdpo.golden_rm import GoldenRM, bradley_terry_loss, sequence_rewards
+from isdpo.logprobs import response_logps
+from isdpo.module import RewardModule
+from isdpo.stages.relabel import run_relabel
+from isdpo.stages.reward import run_reward
+from isdpo.tasks.text import TextRuntime
 from tests.fixtures_text import build_standins, text_overrides
 from tests.hydra_utils import compose_cfg
 
@@ -38,8 +42,8 @@ def _stages(cfg, fast_dev_run: bool) -> dict:
     from isdpo import stages
 
     out = {"sft": stages.run_sft(cfg, fast_dev_run=fast_dev_run)}
-    out["reward"] = run_reward_stage(cfg, fast_dev_run=fast_dev_run)
-    out["relabel"] = run_relabel_stage(cfg, fast_dev_run=fast_dev_run)
+    out["reward"] = run_reward(cfg, fast_dev_run=fast_dev_run)
+    out["relabel"] = run_relabel(cfg, fast_dev_run=fast_dev_run)
     out["align"] = stages.run_align(cfg, ref_dir=out["sft"], fast_dev_run=fast_dev_run)
     out["evaluate"] = stages.run_evaluate(cfg, ref_dir=out["sft"])
     out["rm_meta"] = json.loads((out["reward"] / "meta.json").read_text())
@@ -109,7 +113,7 @@ def test_relabel_generate_keeps_behavior_logps(chain, standins, tmp_path):
     extra = ["task.relabel.source=generate", "task.relabel.k=3", "task.relabel.pairing=all",
              "task.relabel.temperature=0.7", "task.relabel.top_p=0.9", "task.relabel.max_prompts=6"]
     cfg = _cfg(standins, tmp_path, "hh", extra, cache=chain["cache"])
-    path = run_relabel_stage(cfg)
+    path = run_relabel(cfg)
     rt = TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir)
     from isdpo import stages
 
@@ -123,7 +127,7 @@ def test_relabel_generate_keeps_behavior_logps(chain, standins, tmp_path):
     from isdpo.models import load_causal_lm
 
     policy = load_causal_lm(cfg.model, path=str(ref_dir / "model")).eval()
-    lp = behavior_logps(policy, [r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], pad_id=rt.pad_id,
+    lp = response_logps(policy, [r["prompt_ids"] for r in rows], [r["chosen_ids"] for r in rows], pad_id=rt.pad_id,
                         temperature=0.7, top_p=0.9)
     assert lp.tolist() == pytest.approx([r["chosen_behavior_logp"] for r in rows], abs=1e-4)
     # align reads them: the exact generated ids, with mu's log-probs, reach the collated batch
@@ -146,10 +150,10 @@ def test_behavior_logps_are_those_of_the_sampling_distribution(standins):
         new = gen.sequences[:, prompts.shape[1]:]
         expected = sum(torch.log_softmax(s.float(), -1).gather(-1, new[:, t : t + 1]).squeeze(-1)
                        for t, s in enumerate(gen.scores))
-        got = behavior_logps(model, prompts.tolist(), new.tolist(), pad_id=0, temperature=temperature, top_p=top_p)
+        got = response_logps(model, prompts.tolist(), new.tolist(), pad_id=0, temperature=temperature, top_p=top_p)
         assert got.tolist() == pytest.approx(expected.tolist(), abs=1e-4)
     # temperature 1, top-p 1: mu is the model itself
-    assert got.tolist() == pytest.approx(batched_logps(model, prompts.tolist(), new.tolist(), 0).tolist(), abs=1e-4)
+    assert got.tolist() == pytest.approx(response_logps(model, prompts.tolist(), new.tolist(), pad_id=0).tolist(), abs=1e-4)
 
 
 def test_pair_up():
@@ -227,7 +231,7 @@ def test_an_rm_trained_elsewhere_can_be_the_golden_rm(standins, tmp_path):
     AutoModelForSequenceClassification.from_pretrained(standins["model"], num_labels=1).save_pretrained(rm_dir)
     AutoTokenizer.from_pretrained(standins["model"]).save_pretrained(rm_dir)
     cfg = _cfg(standins, tmp_path, "tldr", [f"task.reward.path='{rm_dir}'"])
-    assert run_reward_stage(cfg) == rm_dir and not (rm_dir / "meta.json").exists()  # reused, never overwritten
+    assert run_reward(cfg) == rm_dir and not (rm_dir / "meta.json").exists()  # reused, never overwritten
     rt = TextRuntime(cfg.task, cfg.model, cfg.paths.cache_dir)
     scores = rt.score([[1, 40, 41], [1, 50]], [[60, 2], [61, 62, 2]])
     assert scores.shape == (2,) and torch.isfinite(scores).all()

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from isdpo.run_guard import CheckpointUnreadable, ConfigMismatch, EXIT_INTERRUPTED, RunFolderBusy, run_folder_lock
-from isdpo.stages import run_sft, run_stage, sft_micro_batch
+from isdpo.stages import run_stage
+from isdpo.stages.sft import run_sft, sft_micro_batch
 from tests.hydra_utils import ROOT, SMALL, compose_cfg
 
 # far more steps than it will run: it is interrupted once it has a checkpoint

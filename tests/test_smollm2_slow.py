@@ -22,8 +22,9 @@ pytestmark = [
 def test_smollm2_sft_reward_relabel_isdpo_evaluate(tmp_path, monkeypatch):
     from isdpo import stages
     from isdpo.models import load_causal_lm
-    from isdpo.relabel import run_relabel_stage
-    from isdpo.reward import run_reward_stage
+    from isdpo.module import PreferenceModule
+    from isdpo.stages.relabel import run_relabel
+    from isdpo.stages.reward import run_reward
 
     paths = build_standins(tmp_path / "data", n_train=16, n_eval=4)
     cfg = compose_cfg(text_overrides(paths, "hh", model="smollm2_135m", model_dir=str(GGUF.parent)) + [
@@ -32,17 +33,17 @@ def test_smollm2_sft_reward_relabel_isdpo_evaluate(tmp_path, monkeypatch):
         "task.relabel.max_prompts=8", "task.train.lr=1e-5", "task.eval.every_n_steps=0", "task.eval.n_prompts=2",
     ], tmp_path)
     losses = []
-    train_step = stages.PreferenceModule.training_step
+    train_step = PreferenceModule.training_step
 
     def recording_step(self, batch, batch_idx):
         loss = train_step(self, batch, batch_idx)
         losses.append(loss.item())
         return loss
 
-    monkeypatch.setattr(stages.PreferenceModule, "training_step", recording_step)
+    monkeypatch.setattr(PreferenceModule, "training_step", recording_step)
     ref = stages.run_sft(cfg)
-    rm = run_reward_stage(cfg)
-    relabelled = run_relabel_stage(cfg)
+    rm = run_reward(cfg)
+    relabelled = run_relabel(cfg)
     result = stages.run_align(cfg, ref_dir=ref)
     evaluation = stages.run_evaluate(cfg, ref_dir=ref)
 

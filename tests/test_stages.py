@@ -72,7 +72,7 @@ def test_resume_gives_the_same_numbers_as_no_interruption(tmp_path, monkeypatch)
     """Uninterrupted 8 steps vs. a run killed at step 6 (checkpoint at step 4) and restarted."""
     import lightning as L
 
-    from isdpo import stages
+    from isdpo.stages import align as stages
 
     common = SMALL + ["task.train.checkpoint_every_n_steps=4", "task.train.schedule=cosine",
                       "task.train.warmup_steps=2"]

@@ -15,7 +15,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from isdpo.config import TASKS, validate
+from isdpo.config import validate
+from isdpo.tasks import TASKS
 from tests.hydra_utils import CONF, ROOT
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from isdpo.data.text import DataError, fit_lengths, load_pairs, load_sft, read_table, tokenize_pairs, tokenize_sft
-from isdpo.data.text_runtime import TextRuntime
+from isdpo.tasks.text import TextRuntime
 from tests.fixtures_text import build_standins, build_tokenizer, hh_rows, text_overrides, write_jsonl
 from tests.hydra_utils import CONF, compose_cfg
 
@@ -206,8 +206,7 @@ def test_eval_set_has_distinct_prompts_and_the_chosen_reference(cfg_of):
     assert all(chosen[p] == r for p, r in zip(prompts, refs))
 
 
-MODEL_KEYS = {"name", "pretrained", "gguf_file", "tokenizer", "dtype", "gradient_checkpointing", "attn_implementation",
-              "config"}
+MODEL_KEYS = {"name", "pretrained", "gguf_file", "tokenizer", "dtype", "attn_implementation", "config"}
 MODELS = ["smollm2_135m", "llama32_3b", "llama31_8b_rm", "pythia_1b", "pythia_2_8b", "tiny_llama_local"]
 
 
@@ -228,28 +227,9 @@ def test_text_task_configs_compose_with_every_model(task, tmp_path):
     assert compose_cfg([f"task={task}"], tmp_path).task.reward.model.pretrained == "meta-llama/Llama-3.1-8B"
 
 
-@pytest.mark.parametrize("path", sorted([f"model/{m}.yaml" for m in MODELS] + ["task/tldr.yaml", "task/hh.yaml"]))
+@pytest.mark.parametrize("path", sorted([f"model/{m}.yaml" for m in MODELS] + ["task/tldr.yaml", "task/hh.yaml",
+                                                                                "task/_text.yaml"]))
 def test_every_config_key_has_a_comment(path):
     for line in (CONF / path).read_text().splitlines():
         if line.strip() and not line.lstrip().startswith(("#", "- ")) and re.match(r"\s*[\w@/]+:", line):
             assert "#" in line or line.rstrip().endswith(":"), line  # block headers may go without
-
-
-@pytest.mark.parametrize("override,message", [
-    ("task.max_prompt_length=640", "task.max_prompt_length .* must be a positive int < task.max_length"),
-    ("task.relabel.source=sample", "task.relabel.source='sample' is not known; allowed: dataset, generate"),
-    ("task.relabel.pairing=random", "task.relabel.pairing='random' is not known"),
-    ("task.train.preferences=human", "task.train.preferences='human' is not known; allowed: relabelled, dataset"),
-    ("task.eval.reference=both", "task.eval.reference='both' is not known"),
-    ("task.reward.global_batch_size=0", "task.reward.global_batch_size must be an int >= 1"),
-    ("~task.columns.rejected", "task.columns must map prompt, chosen, rejected"),
-    ("model=tiny", "model='tiny' has no checkpoint .* task=hh needs a pretrained model, e.g. model=llama32_3b"),
-])
-def test_invalid_text_task_settings_are_named(override, message, tmp_path):
-    from isdpo.data.text import validate_text_task
-
-    cfg = compose_cfg(["task=hh", "model=llama32_3b"], tmp_path)
-    validate_text_task(cfg.task, cfg.model)
-    with pytest.raises(ValueError, match=message):
-        cfg = compose_cfg(["task=hh", "model=llama32_3b", override], tmp_path)
-        validate_text_task(cfg.task, cfg.model)

@@ -41,7 +41,7 @@ def test_offline_run_with_deterministic_id_group_and_tags(tmp_path, monkeypatch)
 def test_wandb_finish_runs_when_a_job_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_cfg(TINY, tmp_path)
-    import isdpo.stages as stages
+    import isdpo.stages.align as stages
 
     def boom(*a, **k):
         raise RuntimeError("boom")

@@ -33,7 +33,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from isdpo.data.collate import OPTIONAL_FLOATS
-from isdpo.data.loader import ResumableLoader, SeededSampler, _rank_world
+from isdpo.data.loader import ResumableLoader, SeededSampler
+from isdpo.distributed import rank_world
 
 
 def pair_length(example: Mapping) -> int:
@@ -65,8 +66,8 @@ class LengthGroupedSampler(SeededSampler):
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.batch_size, self.group_batches = batch_size, group_batches
 
-    def _indices(self) -> list[int]:
-        rank, world = _rank_world()
+    def indices(self) -> list[int]:
+        rank, world = rank_world(launcher=False)
         gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
         global_batch = self.batch_size * world

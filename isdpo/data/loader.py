@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from isdpo.distributed import rank_world
 
 
 class SeededSampler(Sampler[int]):
@@ -28,19 +23,20 @@ class SeededSampler(Sampler[int]):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch, self.skip = 0, 0
 
-    def _indices(self) -> list[int]:
+    def indices(self) -> list[int]:
+        """This rank's share of the epoch's order (before the resume skip)."""
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
         else:
             order = torch.arange(self.n)
-        rank, world = _rank_world()
+        rank, world = rank_world(launcher=False)
         return order[: self.n // world * world][rank::world].tolist()
 
     def __iter__(self):
-        return iter(self._indices()[self.skip :])
+        return iter(self.indices()[self.skip :])
 
     def __len__(self) -> int:
-        return self.n // _rank_world()[1]
+        return self.n // rank_world(launcher=False)[1]
 
 
 class ResumableLoader(DataLoader):

@@ -17,7 +17,7 @@ Why this design (see also README "The synthetic task"):
   SFT reference labelled by Bradley-Terry on r. Those samples are almost always
   fluent, so the pairs reveal the GOOD-token term clearly and the fluency term
   almost never. DPO at small beta is free to move mass to responses absent
-  from the data (paper §1): packing GOOD tokens through transitions the chain
+  from the data (arXiv 2506.08681, section 1; docs/method.md): packing GOOD tokens through transitions the chain
   never makes raises the visible term but the fluency penalty, hidden from the
   data, makes the golden reward of such responses collapse. IS-DPO
   down-weights pairs the policy has moved away from, which is the regulariser

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from isdpo.models import load_tokenizer
+
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 SFT_FIELDS = ("prompt", "response")
 
@@ -162,7 +164,7 @@ def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequen
         if not dataset:
             raise DataError("neither a data set name nor data_files is set")
         try:
-            from datasets import load_dataset
+            from datasets import load_dataset  # optional heavy import: only for hub data sets
 
             ds = load_dataset(dataset, split=split)
         except Exception as err:  # offline, unknown split, ...: say what to do
@@ -442,10 +444,13 @@ def tokenizer_source(model_cfg: Mapping[str, Any]) -> dict:
             "gguf_file": None if model_cfg.get("tokenizer") else model_cfg.get("gguf_file")}
 
 
+def data_spec(task_cfg: Mapping[str, Any]) -> dict:
+    """A text task's own preference data as a :func:`load_pairs` spec."""
+    return {k: as_plain(task_cfg[k]) for k in ("dataset", "data_files", "columns", "strip_suffix", "drop_identical")}
+
+
 def get_tokenizer(model_cfg: Mapping[str, Any]):
     """isdpo.models.load_tokenizer, memoised per source."""
-    from isdpo.models import load_tokenizer
-
     src = tokenizer_source(model_cfg)
     if not src["tokenizer"]:
         raise DataError(f"model {model_cfg.get('name')!r} has neither `pretrained` nor `tokenizer`: "
@@ -454,58 +459,3 @@ def get_tokenizer(model_cfg: Mapping[str, Any]):
     if key not in _TOKENIZERS:
         _TOKENIZERS[key] = load_tokenizer(dict(model_cfg))
     return _TOKENIZERS[key]
-
-
-# --------------------------------------------------------------------------------------------
-# Config validation (called by isdpo.config.validate for the text tasks)
-# --------------------------------------------------------------------------------------------
-
-def validate_text_task(task: Mapping[str, Any], model: Mapping[str, Any] | None = None) -> None:
-    """Raise ValueError naming the key and the allowed values on the first invalid setting of a text task
-    (and of ``model``, which must bring a checkpoint or a tokenizer: the text tasks have no vocabulary of their own)."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(msg)
-
-    def one_of(key: str, value: Any, allowed: Sequence[str]) -> None:
-        need(value in allowed, f"task.{key}={value!r} is not known; allowed: {', '.join(allowed)}")
-
-    t = as_plain(task)
-    if model is not None:
-        need(bool(model.get("pretrained") or model.get("tokenizer")),
-             f"model={model.get('name')!r} has no checkpoint (model.pretrained is null): task={t.get('name')} needs a "
-             f"pretrained model, e.g. model=llama32_3b (the paper), pythia_1b, smollm2_135m or tiny_llama_local")
-    need(isinstance(t.get("max_length"), int) and isinstance(t.get("max_prompt_length"), int)
-         and 0 < t["max_prompt_length"] < t["max_length"],
-         f"task.max_prompt_length ({t.get('max_prompt_length')}) must be a positive int < task.max_length "
-         f"({t.get('max_length')})")
-    need(bool(t.get("dataset") or t.get("data_files")), "task.dataset and task.data_files are both null")
-    need(set(PAIR_FIELDS) <= set(t.get("columns") or {}), f"task.columns must map {', '.join(PAIR_FIELDS)}")
-    need({"train", "eval"} <= set(t.get("splits") or {}), "task.splits must name the train and eval splits")
-    sources = t["sft"].get("sources") or {}
-    need(bool(sources), "task.sft.sources is empty: the SFT stage needs at least one source")
-    for name, s in sources.items():
-        need(set(SFT_FIELDS) <= set(s.get("columns") or {}), f"task.sft.sources.{name}.columns must map prompt, response")
-        need(bool(s.get("split")), f"task.sft.sources.{name}.split is not set")
-    r = t["reward"]
-    need(bool(r.get("sources")), "task.reward.sources is empty: the golden RM needs preference data")
-    for name, s in r["sources"].items():
-        need(set(PAIR_FIELDS) <= set(s.get("columns") or {}),
-             f"task.reward.sources.{name}.columns must map {', '.join(PAIR_FIELDS)}")
-        need(bool(s.get("train_split")) and bool(s.get("val_split")),
-             f"task.reward.sources.{name} needs train_split and val_split")
-    for key in ("global_batch_size", "epochs", "score_batch_size"):
-        need(isinstance(r.get(key), int) and r[key] >= 1, f"task.reward.{key} must be an int >= 1 (got {r.get(key)!r})")
-    need(isinstance(r.get("lr"), (int, float)) and r["lr"] > 0, f"task.reward.lr must be > 0 (got {r.get('lr')!r})")
-    rl = t["relabel"]
-    one_of("relabel.source", rl.get("source"), ("dataset", "generate"))
-    one_of("relabel.pairing", rl.get("pairing"), ("best_worst", "all"))
-    one_of("relabel.format", rl.get("format"), ("jsonl", "parquet"))
-    if rl["source"] == "generate":
-        need(isinstance(rl.get("k"), int) and rl["k"] >= 2, f"task.relabel.k must be >= 2 to form pairs (got {rl.get('k')!r})")
-        room = t["max_length"] - t["max_prompt_length"]
-        need(rl["max_new_tokens"] <= room, f"task.relabel.max_new_tokens={rl['max_new_tokens']} exceeds "
-             f"task.max_length - task.max_prompt_length = {room} (generated pairs would be truncated)")
-        need(0 < rl["temperature"] and 0 < rl["top_p"] <= 1, "task.relabel.temperature must be > 0 and top_p in (0, 1]")
-    one_of("train.preferences", t["train"].get("preferences"), ("relabelled", "dataset"))
-    one_of("eval.reference", t["eval"].get("reference"), ("chosen", "rejected"))

@@ -12,11 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from isdpo.artifacts import COMPLETIONS, RESULT
 from isdpo.callbacks import read_jsonl
 from isdpo.judge import HFJudge, OpenAIJudge, judge_win_rate, save_records_jsonl
-
-BACKENDS = ("none", "openai", "hf")
-
+from isdpo.models import load_causal_lm, load_tokenizer
 
 def build_judge(judge_cfg):
     backend = judge_cfg.backend
@@ -29,8 +28,6 @@ def build_judge(judge_cfg):
             price_per_1k_input=judge_cfg.price_per_1k_input, price_per_1k_output=judge_cfg.price_per_1k_output,
         )
     if backend == "hf":
-        from isdpo.models import load_causal_lm, load_tokenizer
-
         return HFJudge(load_causal_lm(judge_cfg.model), load_tokenizer(judge_cfg.model),
                        batch_size=judge_cfg.batch_size)
     raise ValueError(f"judge.backend={backend!r} cannot judge; allowed: openai, hf (none = no judge)")
@@ -38,7 +35,7 @@ def build_judge(judge_cfg):
 
 def final_completions(out: Path, n_prompts: int) -> tuple[list[str], list[str], list[str]]:
     """(prompts, policy completions, references) of the newest evaluation, first sample per prompt."""
-    comp = out / "completions"
+    comp = out / COMPLETIONS
     evals = sorted(comp.glob("eval_*.jsonl"))
     if not (comp / "prompts.jsonl").exists() or not evals:
         raise FileNotFoundError(
@@ -51,7 +48,7 @@ def final_completions(out: Path, n_prompts: int) -> tuple[list[str], list[str], 
             [prompts[r["prompt_index"]]["reference"] for r in rows])
 
 
-def run_judge_stage(cfg, judge=None) -> dict[str, Any]:
+def run_judge(cfg, judge=None) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     prompts, policy, reference = final_completions(out, cfg.judge.n_prompts)
     judge = judge or build_judge(cfg.judge)
@@ -61,7 +58,7 @@ def run_judge_stage(cfg, judge=None) -> dict[str, Any]:
     summary["backend"] = cfg.judge.backend
     summary["model"] = cfg.judge.model if cfg.judge.backend == "openai" else cfg.judge.model.name
     (out / "judge.json").write_text(json.dumps(summary, indent=2))
-    result_path = out / "result.json"
+    result_path = out / RESULT
     if result_path.exists():
         result = json.loads(result_path.read_text())
         result["judge"] = summary

@@ -21,13 +21,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from isdpo.cache import data_key
-from isdpo.data.text import (as_plain, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
+from isdpo.artifacts import check_complete, pairs_file, relabel_dir, reward_dir, sft_data_key
+from isdpo.data.text import (as_plain, data_spec, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
                              subsample, tokenize_pairs, tokenize_sft, tokenizer_source)
 from isdpo.evaluate import Evaluator
+from isdpo.golden_rm import GoldenRM
+from isdpo.schema import PREFERENCES, REFERENCES
+from isdpo.ref_cache import add_reference_logps
+from isdpo.tasks.base import register
 
-PREFERENCES = ("relabelled", "dataset")
-REFERENCES = ("chosen", "rejected")
 
 
 @dataclass
@@ -63,13 +65,9 @@ class TextEvaluator(Evaluator):
                                      "win": 1.0 if s > rs else 0.5 if s == rs else 0.0}) + "\n")
 
 
-def sft_data_key(sft_cfg: Mapping[str, Any]) -> dict:
-    """What the pooled SFT set's sources hold (the bytes of local files), for cache keys."""
-    return {name: data_key(spec, [spec["split"]]) for name, spec in sft_cfg["sources"].items()}
-
-
+@register("tldr", "hh")
 class TextRuntime:
-    """Everything the stages need from a real text task (same interface as SyntheticRuntime)."""
+    """Everything the stages need from a real text task in the golden-RM setting (isdpo.tasks.base.Task)."""
 
     def __init__(self, task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], cache_dir: str | Path,
                  output_dir: str | Path | None = None):
@@ -94,9 +92,11 @@ class TextRuntime:
                 "truncate_responses": bool(c["truncate_responses"])}
 
     def _spec(self) -> dict:
-        from isdpo.relabel import data_spec
-
         return data_spec(self.cfg)
+
+    def upstream_stages(self) -> tuple[str, ...]:
+        """The golden RM labels the pairs (when training on relabelled preferences) and judges every evaluation."""
+        return ("reward", "relabel") if self.cfg["train"]["preferences"] == "relabelled" else ("reward",)
 
     # -- SFT ---------------------------------------------------------------------------------
 
@@ -119,9 +119,6 @@ class TextRuntime:
     # -- preference pairs --------------------------------------------------------------------
 
     def _relabelled_pairs(self, reference_dir: Path) -> tuple[list[dict], dict]:
-        from isdpo.relabel import pairs_file, relabel_dir
-        from isdpo.reward import check_complete
-
         d = relabel_dir(self.cfg, self.model_cfg, self.cache_dir, reference_dir)
         check_complete(d, "relabelled preference set", "stage=relabel")
         f = pairs_file(d)
@@ -141,8 +138,6 @@ class TextRuntime:
         require_nonempty(examples, f"the {c['name']} preference set")
         self._check_steps(len(examples))
         if tr.get("precompute_ref_logps") and reference is not None:
-            from isdpo.ref_cache import add_reference_logps
-
             examples, _, _ = add_reference_logps(
                 examples, reference, pad_id=self.pad_id, cache_dir=self.cache_dir,
                 tokenizer_key=tokenizer_source(self.model_cfg), lengths=self.lengths,
@@ -165,8 +160,6 @@ class TextRuntime:
     @property
     def golden(self):
         if self._golden is None:
-            from isdpo.reward import GoldenRM, reward_dir
-
             self._golden = GoldenRM(reward_dir(self.cfg, self.cache_dir),
                                     batch_size=int(self.cfg["reward"]["score_batch_size"]),
                                     max_length=int(self.cfg["max_length"]),

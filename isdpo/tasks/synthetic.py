@@ -6,19 +6,24 @@ from typing import Any, Mapping
 
 import torch
 
-from isdpo.cache import cached_dir
+from isdpo.artifacts import cached_dir
 from isdpo.data.synthetic import SyntheticTask
 from isdpo.evaluate import Evaluator
 from isdpo.sampling import sample_responses
+from isdpo.tasks.base import register
 
 # Offsets keep the task's random streams disjoint: SFT data, preference prompts/samples/labels, eval prompts.
 _SFT_STREAM, _PREF_STREAM, _EVAL_STREAM = 1, 2, 3
 
 
+@register("synthetic")
 class SyntheticRuntime:
-    """Everything the stages need from the synthetic task."""
+    """Everything the stages need from the synthetic task (isdpo.tasks.base.Task)."""
 
-    def __init__(self, task_cfg: Mapping[str, Any], cache_dir: str | Path):
+    tokenizer = None  # token-level task: no text
+
+    def __init__(self, task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any] | None, cache_dir: str | Path,
+                 output_dir: str | Path | None = None):
         self.cfg = task_cfg
         self.cache_dir = Path(cache_dir)
         self.task = SyntheticTask(
@@ -28,6 +33,9 @@ class SyntheticRuntime:
             unsupported_penalty=task_cfg["unsupported_penalty"], seed=task_cfg["chain_seed"],
         )
         self.pad_id, self.eos_id, self.vocab_size = self.task.pad_id, None, self.task.vocab_size
+
+    def upstream_stages(self) -> tuple[str, ...]:
+        return ()  # the golden reward is an exact function
 
     def _gen(self, stream: int, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed * 1000 + stream)

@@ -1,28 +1,23 @@
-"""A content-addressed cache for artefacts that many runs share (SFT references, preference sets).
+"""Every artefact isdpo writes, and where: the one content-addressed, multi-rank-safe store, the
+locations of its entries, and the file names of a run folder.
 
-Entries live at ``<cache_dir>/<kind>/<hash>/`` where the hash is of the config
-that produced them (and the bytes of every local data file read: :func:`data_key`),
-so the jobs of a sweep reuse one reference instead of retraining it.
-
-One mechanism, :func:`build_once`, builds every entry (``cached_dir`` here, and
-``isdpo.reward.publish`` for the golden RM and the relabelled set):
+Entries live at ``<cache_dir>/<kind>/<hash>/`` where the hash is of the config that produced them
+(and the bytes of every local data file read: :func:`data_key`), so the jobs of a sweep reuse one
+reference instead of retraining it. One mechanism, :func:`build_once`, builds every entry
+(:func:`cached_dir` for keyed entries; :func:`publish` for entries at a fixed path with a
+``meta.json``, such as the golden RM and the relabelled set):
 
 - parallel jobs build once: the builder holds a file lock, the others wait on it;
-- the ranks of one data-parallel job never wait on that lock for each other (rank 0
-  may hold it while waiting for the others inside ``fit``). A COLLECTIVE build (a
-  training run: every rank must enter ``fit``) runs on every rank and rank 0 publishes;
-  a SINGLE-PROCESS build (sampling, scoring) runs on rank 0 while the other ranks poll
-  for the published entry (``ISDPO_CACHE_WAIT_S``, default 2 h);
+- the ranks of one data-parallel job never wait on that lock for each other (rank 0 may hold it
+  while waiting for the others inside ``fit``). A COLLECTIVE build (a training run: every rank
+  must enter ``fit``) runs on every rank and rank 0 publishes; a SINGLE-PROCESS build (sampling,
+  scoring) runs on rank 0 while the other ranks poll for the published entry
+  (``ISDPO_CACHE_WAIT_S``, default 2 h);
 - an entry is built in a ``.tmp-*`` sibling and renamed into place (atomic), with a
-  ``manifest.json`` of its file sizes: a truncated or deleted file is found on load and
-  the entry is rebuilt;
-- a ``.tmp-*`` left by a killed build is removed by the next run that asks for the same entry
-  (its builder's pid is gone on this host, or its heartbeat stopped ``ISDPO_CACHE_ORPHAN_S``
-  ago, default 10 min; a live build of a parallel job keeps beating).
-
-Ranks are known from the launcher's environment before any process group exists
-(:func:`rank_world`): torchrun, SLURM srun, and Lightning's own launcher, which starts
-the other ranks as copies of the command when rank 0 first calls ``fit``.
+  ``manifest.json`` of its file sizes: a truncated or deleted file is found on load and the entry
+  is rebuilt;
+- a ``.tmp-*`` left by a killed build is removed by the next build of the same entry (its builder's
+  pid is gone on this host, or its heartbeat stopped ``ISDPO_CACHE_ORPHAN_S`` ago, default 10 min).
 """
 from __future__ import annotations
 
@@ -40,11 +35,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch.distributed as dist
+from isdpo.data.text import as_plain, data_spec, tokenizer_source
+from isdpo.distributed import rank_world
+from isdpo.schema import RELABEL_FORMATS
 
 # Part of every key: bump it when the code that builds an entry changes what it builds.
 CACHE_VERSION = 2
 MANIFEST = "manifest.json"
+META = "meta.json"  # an entry published by :func:`publish`: build id, fast_dev_run, what it holds
 BUILDER = ".builder.json"  # inside a .tmp-* directory: who builds it (host, pid), touched as a heartbeat
 WAIT_ENV, ORPHAN_ENV = "ISDPO_CACHE_WAIT_S", "ISDPO_CACHE_ORPHAN_S"
 HEARTBEAT_S = 30.0
@@ -73,30 +71,6 @@ def file_lock(path: Path, *, blocking: bool = True):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-# --------------------------------------------------------------------------------------------
-# Ranks
-# --------------------------------------------------------------------------------------------
-
-
-def rank_world() -> tuple[int, int]:
-    """Global rank and world size of this process: the process group's once it exists, before that the
-    launcher's environment (torchrun: RANK/WORLD_SIZE; Lightning's launcher: LOCAL_RANK/NODE_RANK/
-    WORLD_SIZE in the ranks it starts, and in rank 0 once it has started them; srun: SLURM_PROCID/
-    SLURM_NTASKS). Exact for rank 0; another rank of a multi-node Lightning launch gets some rank > 0."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    env = os.environ
-    node = int(env.get("NODE_RANK") or 0)
-    if env.get("RANK") and env.get("WORLD_SIZE"):
-        return int(env["RANK"]), int(env["WORLD_SIZE"])
-    if env.get("LOCAL_RANK") and env.get("WORLD_SIZE"):
-        local = int(env["LOCAL_RANK"])
-        return local + node * int(env.get("LOCAL_WORLD_SIZE") or 1), int(env["WORLD_SIZE"])
-    if env.get("SLURM_PROCID") and env.get("SLURM_NTASKS"):
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-    if node > 0:  # a later node of a Lightning launch before its processes start: not rank 0
-        return node, node + 1
-    return 0, 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,3 +321,144 @@ def cached_dir(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path
         (tmp / "key.json").write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
 
     return build_once(final, build, collective=collective, what=f"{kind} cache entry", usable=usable, finish=finish)
+
+
+# --------------------------------------------------------------------------------------------
+# A run folder (deterministic from the overrides: conf/config.yaml's hydra block)
+# --------------------------------------------------------------------------------------------
+
+METRICS = "metrics.jsonl"          # the over-optimization curve: one evaluation point per line
+RESULT = "result.json"             # the run's final and peak points, written when it completes
+POLICY = "policy"                  # the trained policy (HF folder, with the tokenizer of text tasks)
+CHECKPOINT = "checkpoints/last.ckpt"  # the resume point (atomic writes)
+RUN_CONFIG = "run_config.json"     # the resolved config the run was started with (resume checks it)
+RUN_LOCK = ".isdpo.lock"           # held by the live process of the run
+EVALUATION = "evaluation.json"     # stage=evaluate's numbers
+SAMPLES = "samples.jsonl"          # stage=evaluate's samples (token ids, golden reward)
+COMPLETIONS = "completions"        # text tasks: each evaluation's completions as text
+JUDGE = "judge"                    # stage=judge's records and numbers
+
+
+# --------------------------------------------------------------------------------------------
+# Where each shared artefact lives
+# --------------------------------------------------------------------------------------------
+
+
+def sft_dir_key(task_key: Mapping[str, Any], model_cfg: Mapping[str, Any], sft_cfg: Mapping[str, Any],
+                fast_dev_run: bool) -> dict:
+    """What the SFT reference depends on: the task's data (TaskRuntime.sft_key), the model, the sft block."""
+    return {"task": task_key, "model": as_plain(model_cfg), "sft": as_plain(sft_cfg), "fast_dev_run": fast_dev_run}
+
+
+def sft_data_key(sft_cfg: Mapping[str, Any]) -> dict:
+    """What the pooled SFT set's sources hold (the bytes of local files), for cache keys."""
+    return {name: data_key(spec, [spec["split"]]) for name, spec in sft_cfg["sources"].items()}
+
+
+def read_meta(path: Path) -> dict | None:
+    """The entry's meta.json; for a directory made elsewhere (a saved HF model, or a pairs file, without
+    meta.json) a stand-in naming it as external; None when there is nothing."""
+    path = Path(path)
+    f = path / META
+    if f.exists():
+        return json.loads(f.read_text())
+    if any((path / p).exists() for p in ("config.json", "model/config.json", "pairs.jsonl", "pairs.parquet")):
+        return {"build_id": f"external:{path.resolve()}", "external": True, "fast_dev_run": False}
+    return None
+
+
+def model_subdir(path: Path) -> Path:
+    """``<dir>/model`` as written by stage=reward, or ``<dir>`` itself for an RM saved elsewhere."""
+    path = Path(path)
+    return path / "model" if (path / "model" / "config.json").exists() else path
+
+
+def check_complete(path: Path, what: str, stage: str) -> dict:
+    """The entry's meta; raises naming the path and the stage to run when it is absent or incomplete."""
+    meta = read_meta(path)
+    if meta is None:
+        raise FileNotFoundError(f"no {what} at {path}: run {stage} first (or set its `path` in the task config)")
+    problem = entry_problem(path)
+    if problem:
+        raise FileNotFoundError(f"the {what} at {path} is incomplete ({problem}): rerun {stage} to rebuild it")
+    return meta
+
+
+def publish(path: Path, build: Callable[[Path], dict], *, fast_dev_run: bool, what: str,
+            collective: bool = True) -> tuple[Path, bool]:
+    """Build into a temporary sibling of ``path`` and rename it into place; ``(path, reused)``.
+
+    A complete entry is reused, except a fast_dev_run stub when this run is a real one (then it is
+    rebuilt). ``build(tmp)`` returns the metadata written to ``meta.json`` (plus a build id) by rank 0.
+    ``collective``: the build trains on every data-parallel rank (the golden RM); otherwise rank 0
+    builds and the other ranks wait (:func:`build_once`).
+    """
+    path = Path(path)
+    started: list[float] = []
+
+    def timed(tmp: Path) -> dict:
+        started.append(time.time())
+        return build(tmp)
+
+    def usable(p: Path) -> bool:
+        meta = read_meta(p)
+        return meta is not None and (fast_dev_run or not meta.get("fast_dev_run"))
+
+    def finish(tmp: Path, meta: dict | None) -> None:
+        meta = dict(meta or {})
+        meta.update({"build_id": uuid.uuid4().hex, "fast_dev_run": bool(fast_dev_run),
+                     "seconds": round(time.time() - started[0], 1), "what": what})
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+
+    return build_once(path, timed, collective=collective, what=what, usable=usable, finish=finish)
+
+
+def reward_key(task_cfg: Mapping[str, Any]) -> dict:
+    """What the golden RM depends on (no task name: TL;DR and HH share one RM when their blocks agree),
+    with the bytes of the local data files it reads (its sources', and the SFT set's when it starts from SFT)."""
+    r = as_plain(task_cfg["reward"])
+    key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "score_dtype", "val_check_interval")}
+    key["lengths"] = [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]
+    key["content"] = {name: data_key(spec, [spec["train_split"], spec["val_split"]])
+                      for name, spec in r["sources"].items()}
+    if r.get("init_from_sft"):
+        key["sft"] = as_plain(task_cfg["sft"])
+        key["sft_content"] = sft_data_key(task_cfg["sft"])
+    return key
+
+
+def reward_dir(task_cfg: Mapping[str, Any], cache_dir: str | Path) -> Path:
+    """``task.reward.path`` or ``<cache_dir>/reward/<hash of reward_key>``."""
+    explicit = task_cfg["reward"].get("path")
+    return Path(explicit).expanduser() if explicit else Path(cache_dir) / "reward" / config_hash(reward_key(task_cfg))
+
+
+def relabel_key(task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], rm_meta: Mapping[str, Any],
+                reference_dir: Path | None) -> dict:
+    rl = as_plain(task_cfg["relabel"])
+    split = task_cfg["splits"]["train"]
+    key = {"data": data_spec(task_cfg), "split": split, "rm": rm_meta.get("build_id"),
+           "content": data_key(task_cfg, [split]),  # the bytes of a local file, not only its path
+           "relabel": {k: v for k, v in rl.items() if k not in ("path", "batch_size", "format")},
+           "lengths": [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]}
+    if rl["source"] == "generate":
+        key["policy"] = {"reference": str(reference_dir), "tokenizer": tokenizer_source(model_cfg)}
+    return key
+
+
+def relabel_dir(task_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], cache_dir: str | Path,
+                reference_dir: Path | None) -> Path:
+    """``task.relabel.path`` or ``<cache_dir>/relabel/<hash>`` (depends on the golden RM's build id)."""
+    explicit = task_cfg["relabel"].get("path")
+    if explicit:
+        return Path(explicit).expanduser()
+    rm_meta = check_complete(reward_dir(task_cfg, cache_dir), "golden reward model", "stage=reward")
+    return Path(cache_dir) / "relabel" / config_hash(relabel_key(task_cfg, model_cfg, rm_meta, reference_dir))
+
+
+def pairs_file(directory: Path) -> Path:
+    for fmt in RELABEL_FORMATS:
+        f = Path(directory) / f"pairs.{fmt}"
+        if f.exists():
+            return f
+    raise FileNotFoundError(f"no pairs.jsonl / pairs.parquet in {directory}")
