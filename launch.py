@@ -5,6 +5,7 @@
 """
 import logging
 import os
+import warnings
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -16,26 +17,32 @@ from isdpo.schema import store as store_schemas
 # Hydra's root handler and Lightning's own handler would print every Lightning line twice.
 logging.getLogger("lightning.pytorch").propagate = False
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# conf/hydra/launcher/joblib.yaml shares the plugin's name on purpose (`hydra/launcher=joblib` gets our defaults)
+# and Hydra 1.3 checks it against the plugin's schema, as intended, with a deprecation notice on every run.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
 
 
 # Resolved in this process when Hydra composes (run dir, launcher settings), before any job starts.
 register_resolvers()
-# The schemas the conf/ files extend (`- /schema/<name>@_here_`); they travel to submitit's jobs with Hydra's state.
+# The schemas the conf/ files extend (`- /schema/<name>@_here_`); they travel to submitit's jobs and joblib's workers
+# with Hydra's state (so do the resolvers).
 store_schemas(ConfigStore.instance())
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    # `lightning`'s own handler prints its lines; without this they would print twice in a worker of
+    # hydra/launcher=joblib, which runs this function but not this file's top-level code.
+    logging.getLogger("lightning").propagate = False
     # Imported here, not at the top: `--help`, `--cfg` and a multirun's parent process never load torch.
     from isdpo.config import validate
     from isdpo.stages import run_stage
+    from isdpo.stages.align import summary
 
     validate(cfg)
     result = run_stage(cfg)
     if isinstance(result, dict) and result.get("final"):
-        f, p = result["final"], result["peak"]
-        print(f"[isdpo] {cfg.run_name}: final win rate {f['win_rate']:.3f} (step {f['step']}), "
-              f"peak {p['win_rate']:.3f} (step {p['step']}), final KL {f['kl']:.3f}")
+        print(f"[isdpo] {cfg.run_name}: {summary(result)}")
         print(f"[isdpo] results: {cfg.paths.output_dir}/result.json, curve: {cfg.paths.output_dir}/metrics.jsonl")
     return result.get("final", {}).get("win_rate") if isinstance(result, dict) and result.get("final") else None
 

@@ -170,7 +170,25 @@ class ModelSpec:
 MODELS = {
     "tiny": ModelSpec("tiny", (100, 500), (20, 100), batch=4, steps=10, warmup=2, repeats=3, scale=0.5),
     "smollm2": ModelSpec("smollm2", (100, 500), (20, 100), batch=2, steps=3, warmup=1, repeats=1, scale=0.2),
+    # GPU runs (bench/gpu_check.sh): real architectures at full TL;DR lengths, randomly initialised
+    "smollm2-arch": ModelSpec("smollm2-arch", (100, 500), (20, 100), batch=8, steps=8, warmup=3, repeats=1, scale=1.0),
+    "llama-1b": ModelSpec("llama-1b", (100, 500), (20, 100), batch=8, steps=6, warmup=3, repeats=1, scale=1.0),
 }
+
+#: Architectures of real models, randomly initialised: throughput, memory and MFU do not depend on trained
+#: weights, so no hub download is needed (the GPU machine has no network). The bench's word-level tokenizer
+#: uses the first ~2000 ids of the vocabulary; the embedding and LM head keep the model's real size.
+ARCHS = {
+    # HuggingFaceTB/SmolLM2-135M's config.json
+    "smollm2-arch": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=2048),
+    # meta-llama/Llama-3.2-1B's config.json (without its long-context RoPE scaling: rows here are < 1k tokens)
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                     rms_norm_eps=1e-5, max_position_embeddings=2048),
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,11 +326,20 @@ def tokenize_like_trl(tok, texts):
 class Bench:
     """One model's data, tokenizer and weights (each run builds fresh models from the same weights)."""
 
-    def __init__(self, model: str, spec: ModelSpec, scale: float, seed: int):
-        from transformers import LlamaConfig, LlamaForCausalLM
+    def __init__(self, model: str, spec: ModelSpec, scale: float, seed: int, arch_overrides: dict | None = None):
+        from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
         self.model, self.spec = model, spec
-        if model == "tiny":
+        if model in ARCHS:
+            self.tok, words = tiny_tokenizer(seed)
+            torch.manual_seed(seed)
+            self.config = LlamaConfig(**{**ARCHS[model], **(arch_overrides or {})}, pad_token_id=self.tok.pad_token_id)
+            with torch.device(DEVICE):  # initialising a 1B model on the CPU takes a while
+                m = LlamaForCausalLM(self.config)
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}
+            del m
+            self.model_dir = None
+        elif model == "tiny":
             self.tok, words = tiny_tokenizer(seed)
             torch.manual_seed(seed)
             # conf/model/tiny.yaml's architecture; longer positions for TL;DR-length rows
@@ -332,16 +359,33 @@ class Bench:
         self.pad_id = self.tok.pad_token_id
         self.seq_tokens = [len(e["prompt_ids"]) * 2 + len(e["chosen_ids"]) + len(e["rejected_ids"])
                            for e in self.examples]
+        from isdpo.flops import matmul_params, peak_flops
+
+        with torch.device("meta"):  # the parameter count without the weights
+            cfg = self.config if self.model_dir is None else AutoConfig.from_pretrained(self.model_dir)
+            self.n_matmul = matmul_params(LlamaForCausalLM(cfg))
+        self.peak = (peak_flops(torch.cuda.get_device_name(), "bf16-mixed" if BF16 else "32-true")
+                     if torch.cuda.is_available() else None)
+
+    def mfu(self, tokens_per_s: float, *, online_ref: bool, shared_prompt: bool = False) -> float | None:
+        """Model-FLOPs utilisation as isdpo.flops counts it: 6N per computed token (+2N with the reference
+        run online); a shared prompt is computed once per pair. None without a known peak (CPU)."""
+        if not self.peak or not tokens_per_s:
+            return None
+        prompts = sum(len(e["prompt_ids"]) for e in self.examples)
+        computed = (sum(self.seq_tokens) - prompts) / sum(self.seq_tokens) if shared_prompt else 1.0
+        return (6 + (2 if online_ref else 0)) * self.n_matmul * tokens_per_s * computed / self.peak
 
     def build_model(self):
         from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
         if self.model_dir is None:
-            m = LlamaForCausalLM(self.config)
+            with torch.device(DEVICE):
+                m = LlamaForCausalLM(self.config)
             m.load_state_dict(self.state)
         else:
             m = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
-        return m.to("cuda" if torch.cuda.is_available() else "cpu")
+        return m.to(DEVICE)
 
     def describe(self) -> dict:
         ex = self.examples
@@ -522,6 +566,9 @@ def run_one(spec: RunSpec, bench: Bench) -> dict:
         print(f"[bench] WARNING {spec.name}: TRL's token ids differ from isdpo's: the comparison is not like for like")
     res["peak_mem_mb"] = mon.peak_mb
     res["threads"] = torch.get_num_threads()
+    if "tokens_per_s" in res:
+        res["mfu"] = bench.mfu(res["tokens_per_s"], online_ref=spec.ref == "online",
+                               shared_prompt=spec.packing and spec.share_prompt)
     return res
 
 
@@ -540,7 +587,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     for name, rs in runs.items():
         out[name] = {k: median([r.get(k) for r in rs]) for k in (
             "pairs_per_s", "tokens_per_s", "cpu_pairs_per_s", "cpu_tokens_per_s", "step_s_median", "peak_mem_mb",
-            "precompute_s", "mean_loss")}
+            "precompute_s", "mean_loss", "mfu")}
         out[name]["pairs_per_s_each_rep"] = [round(r["pairs_per_s"], 3) for r in rs]
         out[name]["cpu_pairs_per_s_each_rep"] = [round(r["cpu_pairs_per_s"], 3) for r in rs]
         out[name]["peak_mem_mb_each_rep"] = [round(r["peak_mem_mb"], 1) for r in rs]
@@ -581,14 +628,14 @@ def print_table(model: str, bench: Bench, summary: dict, rat: list[dict], thread
           f"(+{bench.spec.warmup} warm-up) per run, {reps} interleaved repeats, {threads} thread(s); "
           f"medians over repeats; 'cpu' = per main-thread CPU second")
     hdr = (f"{'config':28s} {'pairs/s':>8s} {'tokens/s':>9s} {'cpu pairs/s':>11s} {'cpu tok/s':>9s} "
-           f"{'step s':>7s} {'peak MB':>8s} {'precomp s':>9s} {'mean loss':>9s}  cpu pairs/s each rep")
+           f"{'step s':>7s} {'peak MB':>8s} {'precomp s':>9s} {'mean loss':>9s} {'MFU':>6s}  cpu pairs/s each rep")
     print(hdr)
     print("-" * len(hdr))
     for name, s in summary.items():
         pre = f"{s['precompute_s']:9.2f}" if s["precompute_s"] is not None else f"{'-':>9s}"
         print(f"{name:28s} {s['pairs_per_s']:8.3f} {s['tokens_per_s']:9.0f} {s['cpu_pairs_per_s']:11.3f} "
               f"{s['cpu_tokens_per_s']:9.0f} {s['step_s_median']:7.3f} {s['peak_mem_mb']:8.1f} {pre} "
-              f"{s['mean_loss']:9.6f}  "
+              f"{s['mean_loss']:9.6f} " + (f"{s['mfu']:6.1%}" if s.get("mfu") is not None else f"{'-':>6s}") + "  "
               f"{s['cpu_pairs_per_s_each_rep']}")
     print("ratios isdpo / TRL (of medians; 'paired' = median of the per-repeat ratios):")
     for r in rat:
@@ -600,7 +647,10 @@ def print_table(model: str, bench: Bench, summary: dict, rat: list[dict], thread
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["tiny", "smollm2", "all"], default="all")
+    ap.add_argument("--model", choices=["tiny", "smollm2", *ARCHS, "all"], default="all",
+                    help="all = tiny and smollm2 (CPU); smollm2-arch and llama-1b are random-init real architectures")
+    ap.add_argument("--layers", type=int, help="override the decoder layers of smollm2-arch/llama-1b (CPU dry runs)")
+    ap.add_argument("--vocab", type=int, help="override the vocabulary of smollm2-arch/llama-1b (CPU dry runs)")
     ap.add_argument("--steps", type=int, help="timed steps per run (default per model)")
     ap.add_argument("--warmup", type=int, help="untimed first steps per run (default per model)")
     ap.add_argument("--repeats", type=int, help="interleaved repeats of every configuration")
@@ -644,7 +694,8 @@ def main(argv=None):
             print(f"[bench] smollm2 skipped: {GGUF_DIR / GGUF_FILE} is absent (run scripts/get_smollm2.sh)")
             continue
         scale = args.scale if args.scale is not None else spec.scale
-        bench = Bench(model, spec, scale, args.seed)
+        overrides = {k: v for k, v in {"num_hidden_layers": args.layers, "vocab_size": args.vocab}.items() if v}
+        bench = Bench(model, spec, scale, args.seed, overrides)
         print(f"[bench] {model}: {bench.describe()}", flush=True)
         runs: dict[str, list[dict]] = {s.name: [] for s in specs}
         t0 = time.time()
@@ -667,7 +718,8 @@ def main(argv=None):
                 runs[s.name].append(r)
                 print(f"[bench] {model} rep {rep} {s.name:28s} {r['pairs_per_s']:8.3f} pairs/s "
                       f"(cpu {r['cpu_pairs_per_s']:8.3f}) {r['tokens_per_s']:9.0f} tok/s  peak {r['peak_mem_mb']:8.1f} MB  "
-                      f"mean loss {r['mean_loss']:.6f}" + (f"  precompute {r['precompute_s']:.2f}s"
+                      f"mean loss {r['mean_loss']:.6f}" + (f"  MFU {r['mfu']:.1%}" if r.get("mfu") is not None else "")
+                      + (f"  precompute {r['precompute_s']:.2f}s"
                                                         if "precompute_s" in r else ""), flush=True)
         runs = {k: [r for r in v if r is not None] for k, v in runs.items()}
         runs = {k: v for k, v in runs.items() if v}
@@ -675,7 +727,8 @@ def main(argv=None):
         rat = ratios(summary, runs)
         print_table(model, bench, summary, rat, args.threads)
         res = {"model": model, "machine": {**machine, "load_avg_end": os.getloadavg()}, "spec": asdict(spec),
-               "scale": scale, "data": bench.describe(), "configs": {s.name: asdict(s) for s in specs},
+               "scale": scale, "data": bench.describe(), "n_matmul_params": bench.n_matmul, "peak_flops": bench.peak,
+               "arch": ARCHS.get(model) and {**ARCHS[model], **overrides}, "configs": {s.name: asdict(s) for s in specs},
                "summary": summary, "ratios": rat, "runs": runs, "wall_s": time.time() - t0}
         path = Path(args.out) if args.out and len(models) == 1 else RESULTS / f"bench_dpo_{model}.json"
         path.write_text(json.dumps(res, indent=1))

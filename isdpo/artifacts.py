@@ -330,6 +330,7 @@ def cached_dir(cache_dir: str | Path, kind: str, key: Any, build: Callable[[Path
 METRICS = "metrics.jsonl"          # the over-optimization curve: one evaluation point per line
 RESULT = "result.json"             # the run's final and peak points, written when it completes
 POLICY = "policy"                  # the trained policy (HF folder, with the tokenizer of text tasks)
+MERGED = "merged"                  # policy/merged/: peft=lora's adapters merged into a plain model (peft.merge_on_save)
 CHECKPOINT = "checkpoints/last.ckpt"  # the resume point (atomic writes)
 RUN_CONFIG = "run_config.json"     # the resolved config the run was started with (resume checks it)
 RUN_LOCK = ".isdpo.lock"           # held by the live process of the run
@@ -417,7 +418,8 @@ def reward_key(task_cfg: Mapping[str, Any]) -> dict:
     """What the golden RM depends on (no task name: TL;DR and HH share one RM when their blocks agree),
     with the bytes of the local data files it reads (its sources', and the SFT set's when it starts from SFT)."""
     r = as_plain(task_cfg["reward"])
-    key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "score_dtype", "val_check_interval")}
+    key = {k: v for k, v in r.items() if k not in ("path", "score_batch_size", "score_dtype", "val_check_interval")
+           and not (k == "lora" and not v["enabled"])}  # an RM trained in full keeps the key it had before LoRA existed
     key["lengths"] = [task_cfg["max_length"], task_cfg["max_prompt_length"], task_cfg["truncate_responses"]]
     key["content"] = {name: data_key(spec, [spec["train_split"], spec["val_split"]])
                       for name, spec in r["sources"].items()}

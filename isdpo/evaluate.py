@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from isdpo.logprobs import response_logps
-from isdpo.sampling import sample_responses
+from isdpo.sampling import SampleSpec, sample_each
 
 
 def k3_kl(policy_logps: Tensor, ref_logps: Tensor) -> Tensor:
@@ -45,7 +45,9 @@ class Evaluator:
     ``reference_responses[i]`` is the reference completion of ``prompts[i]``.
     With ``kl_exact_sampling`` the KL uses separate samples at temperature 1,
     top-p 1 (samples of pi_theta itself, so k3 is unbiased); otherwise it reuses
-    the win-rate samples, as the paper's code does.
+    the win-rate samples, as the paper's code does. ``batch_size`` prompts are sampled together (it fixes which
+    random draws go to which prompt); ``score_batch_size`` sequences per log-prob forward (None: ``batch_size``;
+    the numbers do not depend on it).
     """
 
     prompts: list[list[int]]
@@ -61,28 +63,24 @@ class Evaluator:
     kl_exact_sampling: bool = True
     seed: int = 0
     batch_size: int = 256
+    score_batch_size: int | None = None
 
     def __post_init__(self):
         self.reference_scores = self.score_fn(self.prompts, self.reference_responses).float()
 
-    def _sample(self, policy, temperature, top_p, seed):
-        prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
-        resp = sample_responses(
-            policy, prompts, max_new_tokens=self.max_new_tokens, pad_id=self.pad_id, eos_id=self.eos_id,
-            temperature=temperature, top_p=top_p, seed=seed, batch_size=self.batch_size,
-        )
-        return prompts, resp
-
     def __call__(self, policy) -> dict:
-        prompts, resp = self._sample(policy, self.temperature, self.top_p, self.seed)
+        prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+        specs = [SampleSpec(self.temperature, self.top_p, self.seed)]
+        if self.kl_exact_sampling and (self.temperature != 1.0 or self.top_p < 1.0):
+            specs.append(SampleSpec(1.0, 1.0, self.seed + 1))  # sampled in the same pass, from its own stream
+        samples = sample_each(policy, prompts, specs, max_new_tokens=self.max_new_tokens, pad_id=self.pad_id,
+                              eos_id=self.eos_id, batch_size=self.batch_size)
+        resp, kl_resp = samples[0], samples[-1]  # without separate KL samples, the win-rate samples
         scores = self.score_fn(prompts, resp).float()
         ref_scores = self.reference_scores.repeat_interleave(self.samples_per_prompt)
-        if self.kl_exact_sampling and (self.temperature != 1.0 or self.top_p < 1.0):
-            kl_prompts, kl_resp = self._sample(policy, 1.0, 1.0, self.seed + 1)
-        else:
-            kl_prompts, kl_resp = prompts, resp
-        pol_lp = response_logps(policy, kl_prompts, kl_resp, pad_id=self.pad_id, batch_size=self.batch_size)
-        ref_lp = response_logps(self.reference, kl_prompts, kl_resp, pad_id=self.pad_id, batch_size=self.batch_size)
+        score_batch = self.score_batch_size or self.batch_size
+        pol_lp = response_logps(policy, prompts, kl_resp, pad_id=self.pad_id, batch_size=score_batch)
+        ref_lp = response_logps(self.reference, prompts, kl_resp, pad_id=self.pad_id, batch_size=score_batch)
         return {
             "win_rate": win_rate(scores, ref_scores),
             "kl": k3_kl(pol_lp, ref_lp).mean().item(),

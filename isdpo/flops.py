@@ -135,11 +135,14 @@ class PerfMonitor(L.Callback):
         self.busy, self.steps, self.tokens, self.pairs, self.flops = 0.0, 0, 0, 0, 0.0
         self._t = None
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # Before the strategy wraps the model: under FSDP each rank then holds a shard of every parameter.
         policy = getattr(pl_module, "policy", pl_module)
         reference = getattr(pl_module, "reference", None)
         self.n_policy = matmul_params(policy)
         self.n_ref = matmul_params(reference) if reference is not None else 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
         if self.peak == "auto":
             dev = trainer.strategy.root_device
             self.peak_value = (peak_flops(torch.cuda.get_device_name(dev), trainer.precision)

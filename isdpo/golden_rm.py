@@ -45,12 +45,16 @@ def load_reward_model(model_cfg: Mapping[str, Any], *, path: str | None = None, 
     return model
 
 
-def _score_head(model):
+def score_head_names(model) -> tuple[str]:
+    """(the attribute name of the model's score head,): what trains in full beside LoRA adapters."""
     for name in ("score", "classifier"):
-        head = getattr(model, name, None)
-        if head is not None:
-            return head
+        if getattr(model, name, None) is not None:
+            return (name,)
     raise ValueError(f"{type(model).__name__} has no `score` or `classifier` head")
+
+
+def _score_head(model):
+    return getattr(model, score_head_names(model)[0])
 
 
 def sequence_rewards(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -11,9 +11,10 @@ Contents:
 
 - ``JUDGE_PROMPT`` / ``format_judge_prompt``: the Table 2 prompt.
 - ``parse_verdict``: "More helpful: A" -> "A"; None when unparseable or ambiguous.
-- ``OpenAIJudge``: a standard-library client for any OpenAI-compatible
-  ``POST {base_url}/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp server, ...)
-  with bounded concurrency, retries, an on-disk cache and token/cost accounting.
+- ``OpenAIJudge``: any OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint
+  (OpenAI, vLLM, llama.cpp server, ...) through the official ``openai`` client (the
+  optional extra ``isdpo[judge]``), with bounded concurrency, retries, an on-disk cache
+  and token/cost accounting.
 - ``HFJudge``: an offline judge with a local Hugging Face causal LM that compares the
   next-token probabilities of "A" and "B" after "More helpful:".
 - ``judge_win_rate``: the evaluation loop (seeded position swapping, undoing the swap,
@@ -29,7 +30,6 @@ from __future__ import annotations
 import concurrent.futures
 import email.utils
 import hashlib
-import http.client
 import json
 import math
 import os
@@ -38,8 +38,6 @@ import re
 import sqlite3
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -242,23 +240,45 @@ class _SqliteCache:
             self._conn.close()
 
 
+def _import_openai():
+    """The official ``openai`` client, an optional extra (imported only by ``OpenAIJudge``)."""
+    try:
+        import openai
+    except ImportError as e:
+        raise JudgeError(
+            "judge.backend=openai needs the openai package: pip install isdpo[judge] (or pip install openai)"
+        ) from e
+    return openai
+
+
+# The client needs some api_key at construction (and would otherwise read OPENAI_API_KEY into
+# the object); the real key goes in each request's Authorization header instead, so the client
+# never holds it. This placeholder is never sent.
+_NO_CLIENT_KEY = "unused-the-key-is-sent-per-request"
+
+
 class OpenAIJudge:
     """Judge through an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint.
 
-    Standard library only (``urllib.request``). The paper's judge is
+    The HTTP layer is the official ``openai`` client (``pip install isdpo[judge]``) with its
+    own retries off (``max_retries=0``): the retry loop here owns retries, so that the
+    backoff is configurable, ``Retry-After`` is honoured up to ``retry_after_max_s`` (the
+    client's cap and its 0.5-8 s backoff are fixed), retries are counted in ``stats()``
+    and failures raise ``JudgeError``s with the key scrubbed. The paper's judge is
     ``OpenAIJudge("https://api.openai.com/v1", "gpt-4o-mini")``.
 
     Args:
         base_url: API root, e.g. "https://api.openai.com/v1" or "http://127.0.0.1:8000/v1".
         model: model name sent in the request and part of the cache key.
         api_key_env: name of the environment variable holding the key, read at each
-            request (so the key is never stored on the object). ``None`` sends no
-            Authorization header (local servers). The key is never logged, printed,
-            put in exceptions or reprs, or written to the cache.
+            request and sent as that request's Authorization header (so the key is never
+            stored on this object or on the client). ``None`` sends no Authorization
+            header (local servers). The key is never logged, printed, put in exceptions
+            or reprs, or written to the cache.
         max_concurrency: threads sending requests at once.
         max_retries: retries after the first attempt, on 429, 5xx, connection errors
             and timeouts. Other 4xx raise ``JudgeHTTPError`` at once.
-        timeout_s: socket timeout per attempt.
+        timeout_s: timeout per attempt (connect, read, write).
         cache_path: sqlite file of answers; ``None`` disables caching.
         temperature, max_tokens: sampling parameters of the request.
         price_per_1k_input, price_per_1k_output: USD per 1000 tokens; defaults are
@@ -298,6 +318,7 @@ class OpenAIJudge:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self._sdk = _import_openai()
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -313,10 +334,13 @@ class OpenAIJudge:
         self.retry_after_max_s = retry_after_max_s
         self.extra_body = dict(extra_body or {})
         self.cache_path = None if cache_path is None else Path(cache_path)
-        self._cache = None if cache_path is None else _SqliteCache(cache_path)
         self._url = f"{self.base_url}/chat/completions"
-        # build_opener keeps the environment's proxy settings (http(s)_proxy, no_proxy).
-        self._opener = urllib.request.build_opener()
+        # One client (one connection pool) shared by the worker threads; it keeps the
+        # environment's proxy settings (http(s)_proxy, no_proxy).
+        self._client = self._sdk.OpenAI(
+            base_url=self.base_url, api_key=_NO_CLIENT_KEY, max_retries=0, timeout=timeout_s
+        )
+        self._cache = None if cache_path is None else _SqliteCache(cache_path)
         self._rng = random.Random()
         self._lock = threading.Lock()
         self._stats = dict(
@@ -336,7 +360,8 @@ class OpenAIJudge:
         )
 
     def close(self) -> None:
-        """Close the cache file."""
+        """Close the HTTP client and the cache file."""
+        self._client.close()
         if self._cache is not None:
             self._cache.close()
 
@@ -401,52 +426,50 @@ class OpenAIJudge:
             return min(ra, self.retry_after_max_s) + self._rng.uniform(0.0, self.backoff_base_s)
         return min(self.backoff_max_s, self.backoff_base_s * 2.0**attempt) * (0.5 + self._rng.random())
 
-    def _request(self, prompt: str) -> dict:
-        """POST one chat completion with retries; returns the decoded JSON response."""
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        body.update(self.extra_body)
-        data = json.dumps(body).encode("utf-8")
+    def _create(self, prompt: str, key: str | None) -> Any:
+        """One attempt through the client: a ChatCompletion, or the raw text of a non-JSON 200."""
+        # Omit() drops the header altogether (no key configured: a local server).
+        auth = f"Bearer {key}" if key else self._sdk.Omit()
+        return self._client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            extra_body=self.extra_body or None,
+            extra_headers={"Authorization": auth},
+        )
+
+    def _request(self, prompt: str) -> Any:
+        """One chat completion with retries; returns the client's parsed response."""
         last_error = ""
         for attempt in range(self.max_retries + 1):
             key = self._api_key()
-            headers = {"Content-Type": "application/json", "Accept": "application/json"}
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            request = urllib.request.Request(self._url, data=data, headers=headers, method="POST")
             retry_after = None
+            failure: JudgeError | None = None
             try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise JudgeResponseError(
-                        f"{self._url} returned 200 with a body that is not JSON: "
-                        f"{self._scrub(raw[:300].decode('utf-8', 'replace'), key)!r}"
-                    ) from None
-            except urllib.error.HTTPError as e:
-                # HTTPError before URLError/OSError: it is a subclass of both.
-                try:
-                    detail = e.read()[:500].decode("utf-8", "replace")
-                except Exception:  # noqa: BLE001 - the body is only for the message
-                    detail = ""
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-                e.close()
-                detail = self._scrub(detail, key)
-                if e.code != 429 and e.code < 500:
-                    raise JudgeHTTPError(
-                        e.code, f"{self._url} returned HTTP {e.code} (not retried): {detail}"
-                    ) from None
-                last_error = f"HTTP {e.code}: {detail}"
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                # Connection refused/reset, DNS, timeouts (TimeoutError is an OSError),
-                # truncated bodies (IncompleteRead is an HTTPException).
-                last_error = self._scrub(f"{type(e).__name__}: {e}", key)
+                return self._create(prompt, key)
+            except self._sdk.APIStatusError as e:
+                detail = self._scrub(e.response.text[:500], key)
+                retry_after = e.response.headers.get("retry-after")
+                if e.status_code != 429 and e.status_code < 500:
+                    failure = JudgeHTTPError(
+                        e.status_code, f"{self._url} returned HTTP {e.status_code} (not retried): {detail}"
+                    )
+                last_error = f"HTTP {e.status_code}: {detail}"
+            except self._sdk.APIConnectionError as e:
+                # Connection refused/reset, DNS, timeouts (APITimeoutError), truncated
+                # bodies; the cause names which.
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+                last_error = self._scrub(f"{type(e).__name__}: {e}{cause}", key)
+            except json.JSONDecodeError as e:  # a JSON content type whose body does not decode
+                failure = JudgeResponseError(
+                    f"{self._url} returned 200 with a body that is not JSON: "
+                    f"{self._scrub(e.doc[:300], key)!r}"
+                )
+            if failure is not None:
+                # Raised outside the except block: the client's exception (which holds the
+                # request, Authorization header included) is not chained to ours.
+                raise failure
             if attempt == self.max_retries:
                 break
             self._add(n_retries=1)
@@ -456,19 +479,23 @@ class OpenAIJudge:
         )
 
     def _complete(self, prompt: str, key: str) -> str:
-        payload = self._request(prompt)
-        try:
-            message = payload["choices"][0]["message"]
-        except (KeyError, IndexError, TypeError):
+        completion = self._request(prompt)
+        if isinstance(completion, str):  # the client returns a non-JSON body as text
             raise JudgeResponseError(
-                f"{self._url} returned JSON without choices[0].message: {str(payload)[:300]!r}"
+                f"{self._url} returned 200 with a body that is not JSON: {completion[:300]!r}"
+            )
+        try:
+            message = completion.choices[0].message
+        except (AttributeError, IndexError, TypeError):
+            raise JudgeResponseError(
+                f"{self._url} returned JSON without choices[0].message: {str(completion)[:300]!r}"
             ) from None
         # content may be null (e.g. a refusal): an empty answer, parsed as unparseable.
-        content = message.get("content") or ""
-        usage = payload.get("usage") or {}
-        pt = int(usage.get("prompt_tokens") or 0)
-        ct = int(usage.get("completion_tokens") or 0)
-        self._add(n_requests=1, prompt_tokens=pt, completion_tokens=ct, n_missing_usage=int(not usage))
+        content = getattr(message, "content", None) or ""
+        usage = getattr(completion, "usage", None)
+        pt = int(getattr(usage, "prompt_tokens", 0) or 0)
+        ct = int(getattr(usage, "completion_tokens", 0) or 0)
+        self._add(n_requests=1, prompt_tokens=pt, completion_tokens=ct, n_missing_usage=int(usage is None))
         if self._cache is not None:
             self._cache.put(key, self.model, content, pt, ct)
         return content

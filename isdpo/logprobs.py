@@ -68,14 +68,19 @@ def sequence_logps(
     ``logits_processor`` maps [M, V] logits before the softmax (a sampling distribution's warpers).
     Returns ``(logps [N] float32, n_tokens [N] float32)``.
     """
-    position_ids = position_ids_from_mask(attention_mask)
     target_mask = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:]
     n_tokens = target_mask.sum(-1).float()
+    if not torch.is_grad_enabled() and input_ids.shape[1] > 1:
+        # The last position predicts nothing: a no-grad pass (scoring, reference log-probs) leaves it out of the
+        # forward, with the same numbers (causal attention: no earlier position sees it). Training keeps it:
+        # the weight gradients would be summed over one row less, which changes their rounding.
+        input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
+    position_ids = position_ids_from_mask(attention_mask)
     if response_only and _supports_response_only(model):
         hidden = model.base_model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, :-1]
+        ).last_hidden_state[:, : targets.shape[1]]
         rows = target_mask.nonzero(as_tuple=True)[0]
         logits = model.get_output_embeddings()(hidden[target_mask])  # [M, V], M = response tokens
         if logits_processor is not None:
@@ -85,7 +90,7 @@ def sequence_logps(
         return sums.index_add(0, rows, token_logps), n_tokens
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits[:, :-1]
+    ).logits[:, : targets.shape[1]]
     if logits_processor is not None:
         logits = logits_processor(logits.float().reshape(-1, logits.shape[-1])).reshape(logits.shape)
     token_logps = selective_log_softmax(logits, targets)

@@ -15,6 +15,7 @@ from typing import Mapping
 import lightning as L
 import torch
 from torch import Tensor
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
 from isdpo.golden_rm import bradley_terry_loss, sequence_rewards
@@ -50,6 +51,9 @@ def check_finite_parameters(named: Mapping[str, torch.Tensor], action: str, bloc
         )
 
 
+RNG_KEY = "isdpo_rng_state"  # a checkpoint's random state (LMModule.on_save_checkpoint)
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -67,14 +71,26 @@ class LMModule(L.LightningModule):
         self.policy = policy.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         self.lr, self.weight_decay, self.warmup_steps, self.schedule = lr, weight_decay, warmup_steps, schedule
         self.response_only, self.concatenated, self.fused_adamw = response_only, concatenated, fused_adamw
-        # The frozen reference is rebuilt from its own checkpoint: keep it out of ours.
+        # The frozen reference (and the frozen base under LoRA adapters) is rebuilt from its own checkpoint: keep it
+        # out of ours.
         self.strict_loading = False
         # Detached per-micro-batch scalars of the current accumulation window ("loss" first), checked
         # once per optimizer step: one host sync per step instead of one per micro-batch.
         self._window: list[dict[str, torch.Tensor]] = []
+        self._resumed_rng: dict | None = None  # the checkpoint's random state, until the first batch after resume
 
     def logps(self, model, batch):
         return batch_logps(model, batch, response_only=self.response_only, concatenated=self.concatenated)
+
+    def logging_step(self) -> bool:
+        """Whether the loggers take this optimizer step's metrics (every ``Trainer(log_every_n_steps)`` steps, as
+        Lightning decides): ``self.log`` is skipped on the other steps, where it only fed the progress bar and
+        cost ~0.3 ms a call (bench/README.md). Outside a Trainer (a direct ``training_step`` call): always."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        return bool(trainer.fast_dev_run) or (every > 0 and (trainer.global_step + 1) % every == 0)
 
     def configure_optimizers(self):
         return build_optimizer(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay,
@@ -87,6 +103,20 @@ class LMModule(L.LightningModule):
         # Lightning clears gradients only before the next backward, so a full copy of them would sit
         # in memory through every forward (measured: +12% peak on SmolLM2, bench/README.md).
         optimizer.zero_grad(set_to_none=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning's FSDP precision refuses norm clipping; FSDP's own clips by the norm over every shard.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        plugin = self.trainer.precision_plugin
+        if (gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None
+                and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            # Lightning's mixed precision refuses to clip for a fused optimizer (under fp16 it unscales the
+            # gradients itself, after clipping); bf16 has no loss scaler, so the gradients are plain here.
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def record(self, loss: torch.Tensor, **diagnostics: torch.Tensor) -> None:
         """Keep this micro-batch's loss (and what explains it) for the check before the optimizer step."""
@@ -113,8 +143,9 @@ class LMModule(L.LightningModule):
             norm = stats[0].sqrt() if sharded else norm
             others_bad = stats[1] - bad
         lr = optimizer.param_groups[0]["lr"]
-        self.log("train/learning_rate", lr, on_step=True, on_epoch=False, batch_size=1)
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        if self.logging_step():
+            self.log("train/learning_rate", lr, on_step=True, on_epoch=False, batch_size=1)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
         norm_v, bad_v, others_v = torch.stack([norm, bad, others_bad]).tolist()
         if bad_v or others_v or (grads_matter and not math.isfinite(norm_v)):
             raise NonFiniteError(self._nonfinite_message(window, lr, norm_v, others_v > 0))
@@ -155,10 +186,28 @@ class LMModule(L.LightningModule):
         return "\n".join(lines)
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")}
+        # What training changes: a frozen parameter of the policy (the base weights under LoRA adapters) is
+        # rebuilt from its own checkpoint, as the reference is, and is not copied into every checkpoint.
+        frozen = {f"policy.{n}" for n, p in self.policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.startswith("policy.") and k not in frozen}
         # Every data-parallel rank builds the checkpoint (only rank zero writes it), so all stop together.
         check_finite_parameters(checkpoint["state_dict"], f"checkpoint step {self.trainer.global_step}",
                                 self.config_block)
+        # The random state, so a resumed run draws what an uninterrupted one would (the LoRA adapters' dropout).
+        checkpoint[RNG_KEY] = {"cpu": torch.get_rng_state(),
+                               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+
+    def on_load_checkpoint(self, checkpoint):
+        # Set at the first batch: between here and there Lightning draws from it (a data loader's iterator).
+        self._resumed_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        state, self._resumed_rng = self._resumed_rng, None
+        if state is not None:
+            torch.set_rng_state(state["cpu"])
+            if state["cuda"] is not None and torch.cuda.is_initialized():
+                torch.cuda.set_rng_state(state["cuda"])
 
 
 class PreferenceModule(LMModule):
@@ -177,8 +226,10 @@ class PreferenceModule(LMModule):
         # differ from the reference's, so rho != 0 and the IS weight != 1 before any training.
         # Attention dropout is no module but a float that HF attention layers (and some read it from the
         # config at forward time) pass to the attention kernel.
-        for module in self.policy.modules():
-            if isinstance(module, torch.nn.Dropout):
+        # LoRA adapters' own dropout (peft.dropout) is a setting and stays: it acts on the adapters' input only,
+        # and PEFT starts them with B = 0, so at step 0 the policy is still the reference exactly.
+        for name, module in self.policy.named_modules():
+            if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{name}.":
                 module.p = 0.0
             for obj in (module, getattr(module, "config", None)):
                 for name, value in list(vars(obj).items()) if obj is not None else ():
@@ -210,9 +261,10 @@ class PreferenceModule(LMModule):
         self.record(out.loss, **{"logps/policy_chosen": lp.policy_chosen.float().mean(),
                                  "logps/policy_rejected": lp.policy_rejected.float().mean()}, **refs,
                     **{k: v for k, v in out.metrics.items() if k.startswith("is/")})
-        n = out.losses.shape[0]  # pairs (a packed batch has fewer rows than 2B)
-        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, batch_size=n)
+        if self.logging_step():
+            n = out.losses.shape[0]  # pairs (a packed batch has fewer rows than 2B)
+            self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+            self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, batch_size=n)
         return out.loss
 
 
@@ -225,7 +277,8 @@ class SFTModule(LMModule):
         logps, n_tokens = self.logps(self.policy, batch)
         loss = -logps.sum() / n_tokens.sum().clamp(min=1)
         self.record(loss)
-        self.log("train/sft_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if self.logging_step():
+            self.log("train/sft_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
 

@@ -3,19 +3,24 @@ loaders with their collators, and the preference module. stage=sft, stage=reward
 bench/ build their runs here, so a switch means the same thing everywhere."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from isdpo.data.batching import LengthGroupedLoader, PackedPreferenceCollator
 from isdpo.data.collate import PreferenceCollator, SFTCollator
 from isdpo.data.loader import ResumableLoader
 from isdpo.logprobs import compile_decoder
 from isdpo.losses import DAALoss
+from isdpo.models import add_lora
 from isdpo.module import PreferenceModule
 
 
-def prepare_model(model, *, activation_checkpointing: bool = False, strategy: str = "auto", compile: bool = False):
-    """Apply ``hardware.activation_checkpointing`` (FSDP does it through its strategy instead) and
-    ``task.train.compile`` to a model about to be trained; returns it."""
+def prepare_model(model, *, activation_checkpointing: bool = False, strategy: str = "auto", compile: bool = False,
+                  lora: Mapping[str, Any] | None = None, seed: int = 0, trainable: Sequence[str] = ()):
+    """Apply ``lora`` (the adapters of ``peft=lora`` or ``task.reward.lora``, drawn from ``seed``; ``trainable``:
+    modules that train in full beside them), ``hardware.activation_checkpointing`` (FSDP does it through its
+    strategy instead) and ``task.train.compile`` to a model about to be trained; returns it."""
+    if lora is not None:  # first: the adapters are part of what is checkpointed and compiled
+        model = add_lora(model, lora, seed=seed, trainable=trainable)
     if activation_checkpointing and strategy != "fsdp":
         model.gradient_checkpointing_enable()
     if compile:

@@ -16,7 +16,8 @@ A run without a readable config is identified by ``result.json`` alone (said in
 counts and the older is listed as a duplicate.
 
 Only completed runs (``result.json`` with status "completed" and a non-empty
-``metrics.jsonl``) enter tables and figures; every other run is listed in
+``metrics.jsonl``) enter tables and figures (a figure only for the tasks whose runs have its metric: a task
+without a golden reward, such as task=preference, has held-out pair metrics and no win rate); every other run is listed in
 ``report.md`` with the reason (no result.json, status != completed, empty
 metrics, unreadable files, duplicate of another run).
 
@@ -24,7 +25,8 @@ Writes into ``--out`` (default ``<sweep dir>/report``): ``report.md``,
 ``summary.csv`` (one row per configuration: task x loss x beta x any other
 swept setting), ``runs.csv`` (one row per run,
 failed ones included) and per task ``overopt_<task>.png``,
-``win_rate_vs_step_<task>.png``, ``kl_vs_step_<task>.png``.
+``win_rate_vs_step_<task>.png``, ``kl_vs_step_<task>.png``, ``eval_loss_vs_step_<task>.png``,
+``eval_accuracy_vs_step_<task>.png``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from typing import Any, Callable
 
 import yaml  # PyYAML, a dependency of omegaconf
 
-from isdpo.report_plots import FIGURES, loss_order, save_figure, series_colours
+from isdpo.report_plots import FIGURE_KEYS, FIGURES, loss_order, save_figure, series_colours
 from isdpo.schema import flatten
 
 RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
@@ -195,7 +197,8 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
     """Rows of a metrics.jsonl and the number of lines that did not parse.
 
     A run still being written can end in a half-written line; such lines are
-    skipped (and counted) instead of failing the whole report.
+    skipped (and counted) instead of failing the whole report. A row is an evaluation
+    point with a golden win rate and KL, or with held-out pair metrics (``loss``), or both.
     """
     if not path.is_file():
         return [], 0
@@ -208,7 +211,7 @@ def read_metrics(path: Path) -> tuple[list[dict], int]:
         except json.JSONDecodeError:
             bad += 1
             continue
-        if isinstance(row, dict) and "step" in row and "win_rate" in row and "kl" in row:
+        if isinstance(row, dict) and "step" in row and (("win_rate" in row and "kl" in row) or "loss" in row):
             rows.append(row)
         else:
             bad += 1
@@ -429,14 +432,27 @@ def _judge(result: dict) -> float | None:
     return _to_float(judge.get("win_rate")) if isinstance(judge, dict) else None
 
 
-#: Per-run quantities of the summary: column -> (header, number format, value from result.json).
+def _point(result: dict, which: str, key: str) -> float | None:
+    """``result[which][key]`` (which: final | peak) as a float; None when the run has no such metric."""
+    row = result.get(which)
+    return _to_float(row.get(key)) if isinstance(row, dict) else None
+
+
+def _drop(result: dict) -> float | None:
+    peak, final = _point(result, "peak", "win_rate"), _point(result, "final", "win_rate")
+    return None if peak is None or final is None else peak - final
+
+
+#: Per-run quantities of the summary: column -> (header, number format, value from result.json or None).
+#: A table shows a column only when some run has its value (no win rate without a golden reward).
 RUN_QUANTITIES: dict[str, tuple[str, str, Callable[[dict], float | None]]] = {
-    "final_win_rate": ("final win rate", ".3f", lambda r: float(r["final"]["win_rate"])),
-    "peak_win_rate": ("peak win rate", ".3f", lambda r: float(r["peak"]["win_rate"])),
-    "peak_step": ("step of peak", ".0f", lambda r: float(r["peak"]["step"])),
-    "final_kl": ("final KL", ".3g", lambda r: float(r["final"]["kl"])),
-    "drop": ("peak − final win rate", ".3f",
-             lambda r: float(r["peak"]["win_rate"]) - float(r["final"]["win_rate"])),
+    "final_win_rate": ("final win rate", ".3f", lambda r: _point(r, "final", "win_rate")),
+    "peak_win_rate": ("peak win rate", ".3f", lambda r: _point(r, "peak", "win_rate")),
+    "peak_step": ("step of peak", ".0f", lambda r: _point(r, "peak", "step")),
+    "final_kl": ("final KL", ".3g", lambda r: _point(r, "final", "kl")),
+    "drop": ("peak − final win rate", ".3f", _drop),
+    "final_eval_accuracy": ("final held-out accuracy", ".3f", lambda r: _point(r, "final", "rewards/accuracies")),
+    "final_eval_loss": ("final held-out loss", ".3g", lambda r: _point(r, "final", "loss")),
     "judge_win_rate": ("judge win rate", ".3f", _judge),
 }
 
@@ -488,11 +504,11 @@ def markdown_table(rows: list[dict]) -> str:
     mean ± std per quantity.
 
     The best final win rate at each beta is in bold.
-    The judge column appears only when some run has a judge win rate; its cell
-    names its own n when fewer seeds were judged than trained.
+    A column appears only when some run has its value (the judge's, the win rate's on a task without a
+    golden reward); the judge's cell names its own n when fewer seeds were judged than trained.
     """
     settings = [k for k in setting_columns(rows) if len({r[k] for r in rows}) > 1]
-    cols = [c for c in RUN_QUANTITIES if c != "judge_win_rate" or any(r["judge_win_rate_n"] for r in rows)]
+    cols = [c for c in RUN_QUANTITIES if any(r[f"{c}_n"] for r in rows)]
     header = ["loss", "β"] + [f"`{k}`" for k in settings] + [RUN_QUANTITIES[c][0] for c in cols] + ["n seeds"]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] * (2 + len(settings)) + ["---:"] * (len(cols) + 1)) + "|"]
@@ -621,6 +637,8 @@ def make_figures(runs: list[Run], out: Path, show_seeds: bool = True) -> dict[st
     for task in sorted({r.task or "" for r in done}):
         task_runs = [r for r in done if (r.task or "") == task]
         for stem, (plot, caption) in FIGURES.items():
+            if not all(set(FIGURE_KEYS[stem]) <= set(row) for run in task_runs for row in run.metrics):
+                continue  # a metric these runs do not have (no golden reward: no win rate)
             fig = plot(task_runs, colours, task=task, show_seeds=show_seeds)
             path = save_figure(fig, out / f"{stem}_{_slug(task or 'task')}.png")
             pngs.setdefault(task, []).append((path, caption))
@@ -669,7 +687,8 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
     for task in sorted({row["task"] for row in summary}):
         md += [f"## Task `{task or '?'}`", "",
                "Mean ± sample standard deviation over seeds, from each run's `result.json` "
-               "(final = last evaluation point, peak = evaluation point of highest golden win rate). "
+               "(final = last evaluation point, peak = evaluation point of highest golden win rate, or without "
+               "one of highest held-out accuracy; held-out = the pair metrics on held-out pairs). "
                "Peak − final win rate is the over-optimization indicator: large means the policy got worse "
                "after its best point. Bold: best final win rate at that β." + settings_note, "",
                markdown_table([row for row in summary if row["task"] == task]), ""]

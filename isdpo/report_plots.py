@@ -214,6 +214,20 @@ def plot_kl_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: b
                    title=f"KL to the reference during training{_task(task)}", show_seeds=show_seeds)
 
 
+def plot_eval_loss_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:
+    """The training loss on held-out pairs against training step, one panel per beta, one colour per series."""
+    return _panels(runs, colours, x_of=lambda r: r["step"], y_of=lambda r: float(r["loss"]),
+                   xlabel="training step", ylabel="held-out loss", title=f"Loss on held-out pairs{_task(task)}",
+                   show_seeds=show_seeds)
+
+
+def plot_eval_accuracy_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True) -> Figure:
+    """Held-out preference accuracy (chosen reward > rejected reward) against training step."""
+    return _panels(runs, colours, x_of=lambda r: r["step"], y_of=lambda r: float(r["rewards/accuracies"]),
+                   xlabel="training step", ylabel="held-out accuracy",
+                   title=f"Preference accuracy on held-out pairs{_task(task)}", show_seeds=show_seeds, sharey=True)
+
+
 def _task(task: str) -> str:
     return f" — task {task}" if task else ""
 
@@ -225,4 +239,12 @@ FIGURES = {
                 "while √KL keeps growing is over-optimization."),
     "win_rate_vs_step": (plot_win_rate_vs_step, "Golden win rate against training step."),
     "kl_vs_step": (plot_kl_vs_step, "KL(π‖π_ref) (k3 estimate) against training step."),
+    "eval_loss_vs_step": (plot_eval_loss_vs_step, "The training loss on held-out pairs against training step."),
+    "eval_accuracy_vs_step": (plot_eval_accuracy_vs_step,
+                              "Held-out preference accuracy (implicit reward of chosen > of rejected) against "
+                              "training step."),
 }
+
+#: The metrics.jsonl keys each figure draws: a task's runs get the figure only when every row has them.
+FIGURE_KEYS = {"overopt": ("win_rate", "kl"), "win_rate_vs_step": ("win_rate",), "kl_vs_step": ("kl",),
+               "eval_loss_vs_step": ("loss",), "eval_accuracy_vs_step": ("rewards/accuracies",)}

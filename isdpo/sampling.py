@@ -1,13 +1,109 @@
-"""Batched sampling from a causal LM with a KV cache and left padding."""
+"""Batched sampling from a causal LM with a KV cache and left padding.
+
+The loop calls the model as Hugging Face's ``generate(do_sample=True, top_k=0)`` does at each step (the prompt,
+then one token at a time with the cache and the extended attention mask), warps the float32 logits with the same
+temperature and top-p warpers, and draws with ``torch.multinomial`` from the softmax: the same samples for the
+same seed (tests/test_sampling.py), without ``generate``'s per-call and per-step overhead. Only temperature and
+top-p shape the distribution (the evaluation protocol), whatever a checkpoint's own generation config says.
+
+:func:`sample_each` samples several settings (temperature, top-p, seed) of the same prompts in one pass, one
+forward per step for all of them; each setting draws from its own generator, so it gets exactly the samples it
+gets alone: the evaluation's win-rate and KL samples cost one loop instead of two.
+"""
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from isdpo.data.collate import pad_sequences
-from isdpo.logprobs import inference
+from isdpo.logprobs import inference, sampling_warpers
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sampling setting: the temperature and top-p warpers, and the seed of its random stream."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def _cache_key(model) -> str:
+    # transformers 5 names the KV cache argument (and output) `cache`; 4.x `past_key_values`.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def sample_each(
+    model,
+    prompts: Sequence[Sequence[int]],
+    specs: Sequence[SampleSpec],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> list[list[list[int]]]:
+    """For each of ``specs``, one sampled response per prompt (token ids without the prompt, cut after EOS).
+
+    ``batch_size`` prompts are sampled together (per setting: it decides which draws of the stream go to
+    which prompt, as in ``generate``). Each setting's stream is ``torch.Generator`` seeded with its seed and
+    continued over the batches; the global random state (training's) is not touched, which keeps resumed
+    runs identical to uninterrupted ones. Without ``eos_id`` every response has ``max_new_tokens`` tokens.
+    """
+    k = len(specs)
+    results: list[list[list[int]]] = [[] for _ in specs]
+    with inference(model) as device:
+        key = _cache_key(model)
+        gens = [torch.Generator(device=device).manual_seed(int(s.seed)) for s in specs]
+        warps = [sampling_warpers(s.temperature, s.top_p) for s in specs]
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
+            chunk = prompts[start : start + batch_size]
+            n = len(chunk)
+            batch = pad_sequences(chunk, [[] for _ in chunk], pad_id, left=True)
+            inputs = batch["input_ids"].to(device).repeat(k, 1)  # setting j's rows: j*n .. (j+1)*n - 1
+            mask = batch["attention_mask"].to(device).repeat(k, 1)
+            unfinished = torch.ones(k * n, dtype=torch.long, device=device)
+            drawing = [True] * k  # a setting whose rows all reached EOS stops drawing, as its own generate would
+            tokens, cache = [], None
+            for step in range(max_new_tokens):
+                out = model(input_ids=inputs, attention_mask=mask, use_cache=True, return_dict=True,
+                            **({key: cache} if cache is not None else {}))
+                cache = out[key]
+                logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+                nxt = torch.full((k * n,), pad_id, dtype=torch.long, device=device)
+                for j in range(k):
+                    if not drawing[j]:
+                        continue
+                    rows = slice(j * n, (j + 1) * n)
+                    scores = warps[j](logits[rows]) if warps[j] is not None else logits[rows]
+                    probs = torch.nn.functional.softmax(scores, dim=-1)
+                    drawn = torch.multinomial(probs, num_samples=1, generator=gens[j]).squeeze(1)
+                    if eos_id is not None:  # finished rows get padding, as in generate
+                        drawn = drawn * unfinished[rows] + pad_id * (1 - unfinished[rows])
+                        unfinished[rows] &= (drawn != eos_id).long()
+                    nxt[rows] = drawn
+                tokens.append(nxt)
+                if eos_id is not None:
+                    done = unfinished.view(k, n).amax(1).eq(0).tolist()  # one host sync per step, as generate's
+                    drawing = [d and not f for d, f in zip(drawing, done)]
+                    if not any(drawing):
+                        break
+                if step + 1 < max_new_tokens:
+                    inputs = nxt[:, None]
+                    mask = torch.cat([mask, mask.new_ones(k * n, 1)], dim=1)
+            new = torch.stack(tokens, dim=1).tolist()
+            for j in range(k):
+                for row in new[j * n : (j + 1) * n]:
+                    if eos_id is not None and eos_id in row:
+                        row = row[: row.index(eos_id) + 1]
+                    results[j].append(row)
+    return results
 
 
 def sample_responses(
@@ -23,36 +119,7 @@ def sample_responses(
     batch_size: int = 256,
     progress: bool = False,
 ) -> list[list[int]]:
-    """One sampled response per prompt (token ids, without the prompt, cut after EOS).
-
-    Sampling runs inside ``torch.random.fork_rng`` seeded with ``seed``: the same
-    seed gives the same samples, and the caller's RNG stream (training!) is left
-    untouched, which keeps resumed runs identical to uninterrupted ones.
-    Without ``eos_id`` every response has exactly ``max_new_tokens`` tokens.
-    """
-    out: list[list[int]] = []
-    with inference(model) as device, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
-            chunk = prompts[start : start + batch_size]
-            batch = pad_sequences(chunk, [[] for _ in chunk], pad_id, left=True)
-            gen = model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=None if eos_id is not None else max_new_tokens,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-                use_cache=True,
-            )
-            new = gen[:, batch["input_ids"].shape[1] :].tolist()
-            for row in new:
-                if eos_id is not None and eos_id in row:
-                    row = row[: row.index(eos_id) + 1]
-                out.append(row)
-    return out
+    """One sampled response per prompt (token ids, without the prompt, cut after EOS): :func:`sample_each` with
+    one setting. The same seed gives the same samples; the caller's random state is left untouched."""
+    return sample_each(model, prompts, [SampleSpec(temperature, top_p, seed)], max_new_tokens=max_new_tokens,
+                       pad_id=pad_id, eos_id=eos_id, batch_size=batch_size, progress=progress)[0]

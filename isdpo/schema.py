@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -33,6 +34,9 @@ RELABEL_PAIRINGS = ("best_worst", "all")
 RELABEL_FORMATS = ("jsonl", "parquet")
 PREFERENCES = ("relabelled", "dataset")
 REFERENCES = ("chosen", "rejected")
+PAIR_FORMATS = ("auto", "standard", "conversational")  # task=preference: TRL's formats (isdpo/data/text.py)
+PEFT_BACKENDS = ("none", "lora")
+PEFT_STAGES = ("sft", "align")  # the stages that train cfg.model (the golden RM's adapters: task.reward.lora)
 SEED_LIMIT = 2**32  # numpy's and torch's seeds are unsigned 32-bit
 
 
@@ -138,6 +142,7 @@ class Hardware:
     torch_threads: Optional[int] = ranged(AT_LEAST_ONE)
     activation_checkpointing: bool = MISSING
     peak_flops: Any = ranged(Rule("auto, null or a number > 0", lambda v: v == "auto" or (_number(v) and v > 0)))
+    reuse_freed_memory: bool = False  # glibc malloc keeps freed memory for the next step (isdpo/host.py)
 
 
 @dataclass
@@ -171,6 +176,13 @@ class OpenAIJudge(Judge):
     price_per_1k_input: float = ranged(NON_NEGATIVE)
     price_per_1k_output: float = ranged(NON_NEGATIVE)
 
+    @staticmethod
+    def check(node: DictConfig, at: str) -> None:
+        # The client is an optional extra: stop here rather than after training, at the judge stage.
+        _require(importlib.util.find_spec("openai") is not None,
+                 f"{at}.backend=openai needs the openai package: pip install isdpo[judge] (or pip install openai), "
+                 f"or choose judge=hf (a local model) or judge=none")
+
 
 @dataclass
 class HFJudge(Judge):
@@ -178,6 +190,55 @@ class HFJudge(Judge):
     n_prompts: int = ranged(AT_LEAST_ONE)
     seed: int = ranged(SEED)
     batch_size: int = ranged(AT_LEAST_ONE)
+
+
+def _check_lora(node: DictConfig, at: str, what: str) -> None:
+    t = node.target_modules
+    _require(t == "all-linear" or (OmegaConf.is_list(t) and len(t) > 0 and all(isinstance(x, str) for x in t)),
+             f"{at}.target_modules must be all-linear or a non-empty list of module names, e.g. [q_proj, v_proj] "
+             f"(got {t!r})")
+    # An optional extra: stop here rather than after the SFT and the reference pass.
+    _require(importlib.util.find_spec("peft") is not None,
+             f"{what} needs the peft package: pip install isdpo[lora] (or pip install peft), or train without "
+             f"adapters")
+
+
+@dataclass
+class Lora:
+    """LoRA adapters (PEFT's LoraConfig: r, lora_alpha, lora_dropout, target_modules)."""
+
+    r: int = ranged(AT_LEAST_ONE)
+    alpha: float = ranged(POSITIVE)
+    dropout: float = ranged(Rule("in [0, 1)", lambda v: 0 <= v < 1))
+    target_modules: Any = MISSING  # all-linear, or a list of module names
+
+
+@dataclass
+class RewardLora(Lora):
+    enabled: bool = MISSING  # false: the RM trains in full
+
+    @staticmethod
+    def check(node: DictConfig, at: str) -> None:
+        if node.enabled:
+            _check_lora(node, at, f"{at}.enabled=true")
+
+
+@dataclass
+class Peft:
+    backend: str = one_of(PEFT_BACKENDS)
+
+
+@dataclass
+class LoraPeft(Peft, Lora):
+    merge_on_save: bool = MISSING
+    stages: List[str] = MISSING
+
+    @staticmethod
+    def check(node: DictConfig, at: str) -> None:
+        bad = [str(s) for s in node.stages if s not in PEFT_STAGES]
+        _require(not bad, f"{at}.stages: {', '.join(bad)} is not known; allowed: {', '.join(PEFT_STAGES)} (the "
+                          f"golden RM's adapters are task.reward.lora)")
+        _check_lora(node, at, f"{at}.backend=lora")
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,6 +276,8 @@ class Train:
     concatenated_forward: bool = MISSING
     compile: bool = MISSING
     fused_adamw: bool = MISSING
+    precompute_ref_logps: bool = MISSING
+    ref_logps_batch_size: int = ranged(AT_LEAST_ONE)
 
 
 @dataclass
@@ -228,6 +291,8 @@ class Eval:
     kl_exact_sampling: bool = MISSING
     batch_size: int = ranged(AT_LEAST_ONE)
     seed: int = ranged(SEED)
+    n_pairs: int = ranged(NON_NEGATIVE)  # held-out pairs of the pair metrics (eval/loss, eval/rewards/*); 0 = none
+    score_batch_size: Optional[int] = None  # sequences per log-prob forward; None: batch_size (same numbers either way)
 
 
 @dataclass
@@ -318,6 +383,7 @@ class Reward:
     score_batch_size: int = ranged(AT_LEAST_ONE)
     score_dtype: Optional[str] = MISSING  # a key of isdpo.models.DTYPES; null = as saved
     seed: int = ranged(SEED)
+    lora: RewardLora = field(default_factory=RewardLora)
 
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
@@ -350,8 +416,6 @@ class Relabel:
 class TextTrain(Train):
     preferences: str = one_of(PREFERENCES)
     max_pairs: Optional[int] = ranged(AT_LEAST_ONE)
-    precompute_ref_logps: bool = MISSING
-    ref_logps_batch_size: int = ranged(AT_LEAST_ONE)
     epochs: int = ranged(AT_LEAST_ONE)
 
 
@@ -391,6 +455,78 @@ class TextTask:
                  f"{at}.max_prompt_length = {room} (generated pairs would be truncated)")
 
 
+@dataclass
+class PreferenceColumns:
+    prompt: Optional[str] = MISSING  # null or absent from the data: the implicit prompt
+    chosen: str = MISSING
+    rejected: str = MISSING
+    chosen_logp: Optional[str] = MISSING  # behaviour log-probs (IS's mu); null or absent from the data: none
+    rejected_logp: Optional[str] = MISSING
+
+
+@dataclass
+class PreferenceSplits:
+    train: str = MISSING
+    eval: Optional[str] = MISSING  # null: held-out pairs carved from train
+
+
+@dataclass
+class PreferenceFiles:
+    train: Optional[str] = MISSING
+    eval: Optional[str] = MISSING
+
+
+@dataclass
+class PreferenceSft(Sft):
+    enabled: bool = MISSING  # false: the reference is model.pretrained itself (no SFT stage)
+
+
+@dataclass
+class PreferenceTrain(Train):
+    max_steps: Optional[int] = ranged(AT_LEAST_ONE)  # null: task.train.epochs passes over the pairs
+    max_pairs: Optional[int] = ranged(AT_LEAST_ONE)
+    precompute_ref_logps: bool = MISSING
+    ref_logps_batch_size: int = ranged(AT_LEAST_ONE)
+    epochs: int = ranged(AT_LEAST_ONE)
+
+
+@dataclass
+class PreferenceEval:
+    every_n_steps: int = ranged(NON_NEGATIVE)
+    n_pairs: int = ranged(NON_NEGATIVE)
+    holdout_fraction: float = ranged(Rule("in (0, 1)", lambda v: 0 < v < 1))
+    seed: int = ranged(SEED)
+
+
+@dataclass
+class PreferenceTask:
+    name: str = MISSING
+    dataset: Optional[str] = MISSING
+    data_files: PreferenceFiles = field(default_factory=PreferenceFiles)
+    splits: PreferenceSplits = field(default_factory=PreferenceSplits)
+    format: str = one_of(PAIR_FORMATS)
+    columns: PreferenceColumns = field(default_factory=PreferenceColumns)
+    chat_template: Optional[str] = MISSING
+    drop_identical: bool = MISSING
+    max_length: int = ranged(AT_LEAST_ONE)
+    max_prompt_length: int = ranged(AT_LEAST_ONE)
+    truncate_responses: bool = MISSING
+    sft: PreferenceSft = field(default_factory=PreferenceSft)
+    train: PreferenceTrain = field(default_factory=PreferenceTrain)
+    eval: PreferenceEval = field(default_factory=PreferenceEval)
+
+    @staticmethod
+    def check(node: DictConfig, at: str) -> None:
+        _require(node.max_prompt_length < node.max_length,
+                 f"{at}.max_prompt_length ({node.max_prompt_length}) must be a positive int < {at}.max_length "
+                 f"({node.max_length})")
+        _require(bool(node.dataset or node.data_files.train),
+                 f"{at}.dataset and {at}.data_files.train are both null: name a hub data set or a local file "
+                 f"(JSONL, JSON, Parquet, CSV), e.g. {at}.data_files.train=my_pairs.jsonl")
+        _require(node.data_files.eval is None or bool(node.data_files.train),
+                 f"{at}.data_files.eval is set but {at}.data_files.train is null: give the training file too")
+
+
 # --------------------------------------------------------------------------------------------
 # the whole config
 # --------------------------------------------------------------------------------------------
@@ -404,12 +540,13 @@ class Paths:
 
 @dataclass
 class Config:
-    task: Any = variant(SyntheticTask, TextTask)
+    task: Any = variant(SyntheticTask, TextTask, PreferenceTask)
     model: Model = field(default_factory=Model)
     loss: Loss = field(default_factory=Loss)
     hardware: Hardware = field(default_factory=Hardware)
     logger: Any = variant(Logger, WandbLogger)
     judge: Any = variant(Judge, OpenAIJudge, HFJudge)
+    peft: Any = variant(Peft, LoraPeft)
     stage: str = MISSING  # checked by isdpo.config.validate (STAGES)
     experiment: str = MISSING
     beta: float = ranged(POSITIVE)
@@ -420,15 +557,20 @@ class Config:
     @staticmethod
     def check(cfg: DictConfig, at: str) -> None:
         text = OmegaConf.get_type(cfg.task) is TextTask
+        tokenized = text or OmegaConf.get_type(cfg.task) is PreferenceTask  # text that needs a tokenizer
         backend = cfg.judge.backend
         _require(backend == "none" or text or cfg.stage not in ("judge", "pipeline"),
                  "judge.backend needs a text task (task=tldr|hh): the synthetic task has no text to judge")
         _require(cfg.stage != "judge" or backend != "none",
                  "stage=judge needs judge=openai or judge=hf (judge.backend is none)")
-        if text:  # the text tasks have no vocabulary of their own
+        if tokenized:  # the text tasks have no vocabulary of their own
             _require(bool(cfg.model.pretrained or cfg.model.tokenizer),
                      f"model={cfg.model.name!r} has no checkpoint (model.pretrained is null): task={cfg.task.name} needs "
                      f"a pretrained model, e.g. model=llama32_3b (the paper), pythia_1b, smollm2_135m or tiny_llama_local")
+        _require(cfg.peft.backend == "none" or cfg.hardware.strategy != "fsdp",
+                 f"peft.backend={cfg.peft.backend} with hardware.strategy=fsdp is not supported: the adapters are "
+                 f"small enough for data parallelism (a hardware profile with strategy ddp), or train without them "
+                 f"(peft=none)")
         _require(not (cfg.task.train.packing and cfg.model.attn_implementation == "flash_attention_2"),
                  "task.train.packing=true needs model.attn_implementation sdpa or eager (the packed block-diagonal "
                  "mask cannot go through flash_attention_2)")
@@ -439,7 +581,8 @@ SCHEMAS: dict[str, type] = {
     "config": Config, "model": Model, "loss": Loss, "hardware": Hardware,
     "logger/base": Logger, "logger/wandb": WandbLogger,
     "judge/none": Judge, "judge/openai": OpenAIJudge, "judge/hf": HFJudge,
-    "task/synthetic": SyntheticTask, "task/text": TextTask,
+    "peft/none": Peft, "peft/lora": LoraPeft,
+    "task/synthetic": SyntheticTask, "task/text": TextTask, "task/preference": PreferenceTask,
 }
 
 

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -16,6 +16,9 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
+import torch
+from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig, FullyShardedDataParallel,
+                                    OptimStateKeyType, StateDictType)
 
 from isdpo.data.loader import LoaderProgress
 from isdpo.module import check_finite_parameters
@@ -137,25 +140,89 @@ def finish_logger(logger) -> None:
             print(f"[isdpo] warning: wandb.finish() failed: {err}")
 
 
-def build_strategy(hw: Mapping[str, Any], model=None):
-    """Lightning strategy from ``hardware``: FSDP wraps (and optionally checkpoints) the model's decoder layers."""
+class SharedReferenceFSDP(FSDPStrategy):
+    """Lightning's FSDPStrategy with two additions.
+
+    - ``ignored_modules`` (the frozen reference) stay whole on every rank, on the rank's device: rank zero
+      evaluates with the reference alone, outside FSDP's forward, which a sharded module cannot do (and
+      Lightning moves nothing to the device under FSDP, so an ignored module would stay on the CPU).
+    - CPU processes (gloo), so the sharded paths (saving, resuming, evaluating) are tested without a GPU.
+      Out of the box neither library runs there: Lightning refuses any accelerator but CUDA ("The strategy
+      `fsdp` requires a GPU accelerator"; its check matches the exact class, not a subclass) and FSDP without
+      a ``device_id`` looks for an accelerator ("FSDP needs a non-CPU accelerator device"), so this wraps the
+      model itself with ``device_id=cpu``. Full state dicts are then gathered without ``offload_to_cpu``:
+      on a CPU device that option returns views of the gathered parameters that FSDP frees on exit, and
+      reading them segfaults (torch 2.13).
+    """
+
+    def _setup_model(self, model):
+        if self.root_device.type == "cpu" and not isinstance(model, FullyShardedDataParallel):
+            model = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                             mixed_precision=self.mixed_precision_config,
+                                             sharding_strategy=self.sharding_strategy, device_id=self.root_device,
+                                             **self.kwargs)
+            self.kwargs.pop("auto_wrap_policy", None)  # applied above; Lightning would warn it is unused
+        model = super()._setup_model(model)
+        for module in self.kwargs.get("ignored_modules") or ():
+            module.to(self.root_device)
+        return model
+
+    def _full_state_context(self):
+        return FullyShardedDataParallel.state_dict_type(
+            self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
+
+    def lightning_module_state_dict(self):
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        with self._full_state_context():
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer):
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        with self._full_state_context():
+            state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:  # the checkpoint format Lightning's own FSDPStrategy writes
+                state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+
+def build_strategy(hw: Mapping[str, Any], model=None, frozen: Sequence[torch.nn.Module] = ()):
+    """Lightning strategy from ``hardware``: FSDP wraps (and optionally checkpoints) the model's decoder layers
+    and keeps the ``frozen`` modules (the reference) whole on every rank."""
     name = hw["strategy"]
     if name != "fsdp":
         return name
     layer_names = set(getattr(model, "_no_split_modules", None) or [])
     layers = {type(m) for m in (model.modules() if model is not None else []) if type(m).__name__ in layer_names}
-    return FSDPStrategy(
+    frozen = [m for m in frozen if m is not None]
+    return SharedReferenceFSDP(
         auto_wrap_policy=layers or None,
         activation_checkpointing_policy=layers if hw.get("activation_checkpointing") and layers else None,
         sharding_strategy="FULL_SHARD", state_dict_type="full", use_orig_params=True,
+        **({"ignored_modules": frozen} if frozen else {}),
     )
+
+
+def full_state_dict(trainer: L.Trainer, prefix: str = "policy.") -> dict[str, torch.Tensor] | None:
+    """The whole (unsharded) state dict of the LightningModule's ``prefix`` submodule, keys without the prefix,
+    on global rank zero ({} elsewhere), when the strategy shards the model; None when it does not (the
+    module's own parameters are then whole). Under FSDP a collective: every rank must call it."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    state = trainer.strategy.lightning_module_state_dict()
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run_dir: Path, logger,
                   callbacks: list, gradient_clip_val: float = 0.0, checkpoint_every_n_steps: int = 0,
                   fast_dev_run: bool = False, progress: bool = True, max_epochs: int | None = None,
-                  model=None) -> L.Trainer:
-    """A Trainer; with ``checkpoint_every_n_steps`` > 0 it keeps an atomic ``checkpoints/last.ckpt``."""
+                  model=None, frozen: Sequence[torch.nn.Module] = (), log_every_n_steps: int = 10) -> L.Trainer:
+    """A Trainer; with ``checkpoint_every_n_steps`` > 0 it keeps an atomic ``checkpoints/last.ckpt``.
+    ``model``/``frozen``: the trained model and the frozen modules beside it (FSDP's wrapping, see build_strategy).
+    ``log_every_n_steps``: how often the loggers get the training metrics (the modules call ``self.log`` only then)."""
     # LoaderProgress must run before ModelCheckpoint (Lightning puts checkpoint callbacks last).
     callbacks = [LoaderProgress(), StopPeersOnError(), *callbacks]
     if progress:
@@ -171,10 +238,10 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
         plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         accelerator=hw["accelerator"], devices=hw["devices"], num_nodes=hw["num_nodes"],
-        precision=hw["precision"], strategy=build_strategy(hw, model), max_steps=max_steps,
+        precision=hw["precision"], strategy=build_strategy(hw, model, frozen), max_steps=max_steps,
         max_epochs=max_epochs if max_epochs is not None else -1,
         accumulate_grad_batches=accumulate, gradient_clip_val=gradient_clip_val or None, logger=logger,
         callbacks=callbacks, plugins=plugins or None, enable_checkpointing=checkpoint_every_n_steps > 0,
         default_root_dir=str(run_dir), fast_dev_run=fast_dev_run, enable_progress_bar=progress,
-        enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, use_distributed_sampler=False,  # ResumableLoader shards by rank itself
+        enable_model_summary=False, log_every_n_steps=log_every_n_steps, num_sanity_val_steps=0, use_distributed_sampler=False,  # ResumableLoader shards by rank itself
     )

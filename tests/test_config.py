@@ -40,7 +40,7 @@ def config_error(overrides: list[str], tmp_path: Path) -> str:
 )
 def test_every_config_composes_and_validates(group, option, tmp_path):
     # text tasks need a pretrained model with a tokenizer (the tiny default has none): pair them with the paper's
-    extra = ["model=llama32_3b"] if group == "task" and option in ("tldr", "hh") else []
+    extra = ["model=llama32_3b"] if group == "task" and option in ("tldr", "hh", "preference") else []
     if group == "judge" and option != "none":  # judges read text: a text task
         extra = ["task=hh", "model=llama32_3b"]
     cfg = compose_cfg([f"{group}={option}", *extra], tmp_path)

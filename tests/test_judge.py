@@ -8,7 +8,9 @@ scripted per test; HFJudge against a tiny random Llama with a tokenizer trained 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -22,6 +24,7 @@ from isdpo.judge import (
     HFJudge,
     JudgeError,
     JudgeHTTPError,
+    JudgeResponseError,
     JudgeRetryError,
     OpenAIJudge,
     _letter_token_ids,
@@ -51,7 +54,7 @@ class FakeChatServer:
     """A chat-completions server on 127.0.0.1 with a per-test script.
 
     ``script``: a queue of (status, content_or_error, headers) consumed one per request
-    first; afterwards ``responder(prompt) -> content`` answers with 200. ``delay`` maps
+    first (a bytes content is sent as the raw 200 body); afterwards ``responder(prompt) -> content`` answers with 200. ``delay`` maps
     request number -> seconds to sleep before answering (for timeouts). Usage numbers
     are deterministic functions of the text and summed server-side for comparison.
     """
@@ -80,7 +83,8 @@ class FakeChatServer:
                 with server.lock:
                     number = len(server.requests)
                     server.requests.append(
-                        {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+                        {"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
+                         "agent": self.headers.get("User-Agent")}
                     )
                     scripted = server.script.popleft() if server.script else None
                 if number in server.delay:
@@ -92,6 +96,8 @@ class FakeChatServer:
                     if message == "ECHO_AUTH":  # an error body that echoes the key
                         message = f"Incorrect API key provided: {self.headers.get('Authorization')}"
                     return self._send(status, {"error": {"message": message}}, headers)
+                if scripted is not None and isinstance(scripted[1], bytes):  # a raw body (not a completion)
+                    return self._send(200, scripted[1], scripted[2])
                 prompt = body["messages"][0]["content"]
                 content = scripted[1] if scripted is not None else server.responder(prompt)
                 usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split()) + 1}
@@ -110,12 +116,13 @@ class FakeChatServer:
                 )
 
             def _send(self, status, payload, headers=None):
-                data = json.dumps(payload).encode()
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                headers = dict(headers or {})
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Type", headers.pop("Content-Type", "application/json"))
                     self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
+                    for k, v in headers.items():
                         self.send_header(k, v)
                     self.end_headers()
                     self.wfile.write(data)
@@ -465,6 +472,8 @@ def test_api_key_sent_but_never_stored_or_shown(server, tmp_path):
     assert SECRET not in repr(judge) and SECRET not in str(judge)
     assert SECRET not in json.dumps(result)
     assert all(SECRET not in repr(v) for v in vars(judge).values())
+    # Nor does the openai client hold it: it goes in each request's header only.
+    assert judge._client.api_key != SECRET and SECRET not in repr(vars(judge._client))
     judge.close()
     for f in cache.parent.iterdir():
         assert SECRET.encode() not in f.read_bytes()
@@ -501,6 +510,53 @@ def test_token_and_cost_accounting(server):
     # Cumulative stats keep growing across calls; the result reports this call's share.
     judge_win_rate(judge, prompts, policy, reference, seed=1)
     assert judge.stats()["prompt_tokens"] == server.prompt_tokens
+
+
+def test_requests_go_through_the_openai_client_with_its_retries_off(server):
+    """The HTTP layer is the official openai client (its user agent), and its own retries are
+    off: our loop is the only one, so the server sees exactly max_retries + 1 attempts."""
+    judge = make_judge(server)
+    assert judge.judge_one("p") == answer("A")
+    assert server.requests[0]["agent"].startswith("OpenAI/Python")
+    server.script.extend([(500, "down", {})] * 5)
+    with pytest.raises(JudgeRetryError, match="1 attempts"):
+        make_judge(server, max_retries=0).judge_one("q")
+    assert server.n == 2
+
+
+def test_missing_openai_package_names_the_extra(server, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError
+    with pytest.raises(JudgeError, match=r"pip install isdpo\[judge\]"):
+        make_judge(server)
+
+
+def test_non_json_and_malformed_200_raise_response_error(server):
+    server.script.append((200, b"<html>gateway page</html>", {"Content-Type": "text/html"}))
+    with pytest.raises(JudgeResponseError, match="not JSON.*gateway page"):
+        make_judge(server).judge_one("p")
+    server.script.append((200, b'{"id": "x", "object": "chat.completion"}', {}))
+    with pytest.raises(JudgeResponseError, match=r"without choices\[0\].message"):
+        make_judge(server).judge_one("q")
+    # A completion without usage still answers; its tokens count as 0 and are flagged.
+    server.script.append((200, json.dumps({"id": "y", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": answer("B")}, "finish_reason": "stop"}]}).encode(), {}))
+    judge = make_judge(server)
+    assert judge.judge_one("r") == answer("B")
+    assert judge.stats()["n_missing_usage"] == 1 and judge.stats()["prompt_tokens"] == 0
+
+
+def test_api_key_never_logged_even_at_debug(server, caplog):
+    """The openai and httpx loggers at DEBUG (e.g. OPENAI_LOG=debug, hydra.verbose): no key in the log."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("openai", "httpx", "httpcore"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    judge = make_judge(server)
+    judge.judge_one("p")
+    server.script.append((401, "ECHO_AUTH", {}))
+    with pytest.raises(JudgeHTTPError):
+        judge.judge_one("q")
+    assert server.requests[-1]["auth"] == f"Bearer {SECRET}"
+    assert caplog.records and SECRET not in caplog.text
 
 
 def test_concurrency_is_bounded():

@@ -1,5 +1,6 @@
 """stage=judge: a run's final completions judged through a real chat-completions server on 127.0.0.1."""
 import json
+import sys
 
 import pytest
 from omegaconf import open_dict
@@ -58,4 +59,11 @@ def test_judge_needs_completions(tmp_path):
 def test_judge_config_errors(overrides, message, tmp_path):
     cfg = compose_cfg(overrides, tmp_path)
     with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_openai_backend_without_the_package_stops_at_validation(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # as if the optional extra were not installed
+    cfg = compose_cfg(["task=hh", "model=llama32_3b", "judge=openai", "stage=judge"], tmp_path)
+    with pytest.raises(ConfigError, match=r"judge.backend=openai needs the openai package: pip install isdpo\[judge\]"):
         validate(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "isdpo"
 # optional heavy dependencies, imported only where the feature that needs them runs
-LAZY_OK = {"wandb", "pyarrow", "pyarrow.parquet", "datasets"}
+LAZY_OK = {"wandb", "pyarrow", "pyarrow.parquet", "datasets", "openai", "peft"}
 
 
 def module_name(path: Path) -> str:
@@ -72,7 +72,7 @@ def test_function_local_imports_are_only_for_optional_heavy_dependencies():
     assert found, "the scan found no function-local import at all: check it still parses the package"
     assert [f for f in found if f[1].startswith("isdpo")] == []
     assert [f for f in found if f[1] not in LAZY_OK] == []
-    assert len(found) <= 6, found
+    assert len(found) <= 8, found
 
 
 def test_no_private_name_is_imported_from_another_module():

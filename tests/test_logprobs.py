@@ -59,3 +59,23 @@ def test_left_padding_gives_the_same_logps(tiny_lm):
     left = pad_sequences(prompts, responses, pad_id=0, left=True)
     torch.testing.assert_close(sequence_logps(tiny_lm, **right)[0], sequence_logps(tiny_lm, **left)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_no_grad_passes_leave_out_the_last_position_with_the_same_numbers(tiny_lm, monkeypatch):
+    """Scoring (no gradients) runs the forward without the last position, which predicts nothing: bit-identical
+    log-probs to the full forward that training runs, right- and left-padded, both LM-head paths."""
+    widths = []
+    real = type(tiny_lm.model).forward
+    monkeypatch.setattr(type(tiny_lm.model), "forward", lambda self, *a, **k: (widths.append(k["input_ids"].shape[1]),
+                                                                               real(self, *a, **k))[1])
+    prompts = [p["prompt_ids"] for p in PAIRS] * 2
+    responses = [p["chosen_ids"] for p in PAIRS] + [p["rejected_ids"] for p in PAIRS]
+    for left in (False, True):
+        batch = pad_sequences(prompts, responses, pad_id=0, left=left)
+        for response_only in (True, False):
+            widths.clear()
+            with torch.no_grad():
+                scored, n_scored = sequence_logps(tiny_lm, **batch, response_only=response_only)
+            full, n_full = sequence_logps(tiny_lm, **batch, response_only=response_only)  # as in training
+            assert widths == [batch["input_ids"].shape[1] - 1, batch["input_ids"].shape[1]]
+            assert torch.equal(scored, full.detach()) and torch.equal(n_scored, n_full)

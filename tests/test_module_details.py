@@ -77,8 +77,9 @@ def test_preference_training_logs_lr_and_the_unclipped_grad_norm(tiny_lm, tmp_pa
                               schedule="cosine")
     rec = Record()
     loader = torch.utils.data.DataLoader(pairs(8), batch_size=2, collate_fn=PreferenceCollator(0))
+    # log_every_n_steps=1: the module logs only on the steps the loggers take (every 10 by default)
     trainer = build_trainer(HW, max_steps=3, accumulate=2, run_dir=tmp_path, logger=False, callbacks=[rec],
-                            gradient_clip_val=1e-4, progress=False)
+                            gradient_clip_val=1e-4, progress=False, log_every_n_steps=1)
     trainer.fit(module, loader)
     steps = [d for d in rec.logged[1::2]]  # the metrics after each optimizer step (2 micro-batches each)
     assert len(steps) == len(rec.norms) == 3
@@ -95,7 +96,7 @@ def test_sft_logs_the_learning_rate(tiny_lm, tmp_path):
     module = SFTModule(tiny_lm.train(), lr=1e-3, warmup_steps=3, schedule="constant")
     rec = Record()
     trainer = build_trainer(HW, max_steps=-1, max_epochs=1, accumulate=1, run_dir=tmp_path, logger=False,
-                            callbacks=[rec], progress=False)
+                            callbacks=[rec], progress=False, log_every_n_steps=1)  # every step (default: every 10)
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2, collate_fn=SFTCollator(0)))
     assert [d["train/learning_rate"] for d in rec.logged] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])
 
@@ -109,3 +110,47 @@ def test_progress_bar_counts_optimizer_steps(tiny_lm, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 3/3" in out, out[-2000:]
     assert "step 4/" not in out and "Epoch" not in out, out[-2000:]
+
+
+
+class Rows(L.pytorch.loggers.Logger):
+    """What a logger receives: (step, metrics) rows."""
+
+    name, version = "rows", "0"
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+def test_metrics_are_logged_only_on_the_steps_the_loggers_take(tiny_lm, tmp_path):
+    """self.log runs on the optimizer steps whose metrics the loggers take (every ``log_every_n_steps``), not on
+    every micro-batch (there it only fed the progress bar); the loggers get the same rows as when it ran always."""
+
+    def fit(every_step: bool):
+        torch.manual_seed(0)
+        module = PreferenceModule(copy.deepcopy(tiny_lm).train(), frozen_copy(tiny_lm), build_loss("dpo", 0.5), lr=1e-3)
+        calls, log = [], module.log
+        module.log = lambda name, *a, **k: (calls.append(module.trainer.global_step), log(name, *a, **k))
+        if every_step:  # the behaviour before: self.log on every micro-batch
+            module.logging_step = lambda: True
+        logger = Rows()
+        loader = torch.utils.data.DataLoader(pairs(40), batch_size=2, collate_fn=PreferenceCollator(0))
+        trainer = build_trainer(HW, max_steps=10, accumulate=2, run_dir=tmp_path / str(every_step), logger=logger,
+                                callbacks=[], progress=False, log_every_n_steps=4)
+        trainer.fit(module, loader)
+        return sorted(set(calls)), logger.rows
+
+    calls, rows = fit(every_step=False)
+    calls_before, rows_before = fit(every_step=True)
+    assert calls_before == list(range(10))
+    assert calls == [3, 7]  # optimizer steps 4 and 8 (global_step 3 and 7 while they run)
+    assert [s for s, _ in rows] == [3, 7]
+    assert {"train/loss", "train/grad_norm", "train/learning_rate", "train/rewards/margins"} <= set(rows[0][1])
+    assert rows == rows_before

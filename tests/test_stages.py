@@ -107,3 +107,60 @@ def test_resume_gives_the_same_numbers_as_no_interruption(tmp_path, monkeypatch)
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
     for key in ("step", "win_rate", "kl"):
         assert resumed["final"][key] == pytest.approx(expected["final"][key], rel=1e-5, abs=1e-6)
+
+
+def test_pipeline_evaluates_the_final_policy_once(tmp_path, monkeypatch):
+    """stage=pipeline writes align's final evaluation point as evaluation.json/samples.jsonl instead of evaluating
+    the same policy again: one evaluator call per curve point, and the files stage=evaluate writes byte for byte."""
+    from isdpo.evaluate import Evaluator
+
+    calls = []
+    real_call = Evaluator.__call__
+    monkeypatch.setattr(Evaluator, "__call__", lambda self, policy: (calls.append(1), real_call(self, policy))[1])
+    cfg = compose_cfg(SMALL + ["loss=dpo"], tmp_path)
+    result = run_stage(cfg)
+    out = tmp_path / "run"
+    assert len(calls) == result["n_eval_points"] == 3  # steps 0, 4, 8; none more for stage=evaluate
+    saved = {name: (out / name).read_text() for name in ("evaluation.json", "samples.jsonl")}
+    assert json.loads(saved["evaluation.json"])["win_rate"] == result["final"]["win_rate"]
+    run_stage(compose_cfg(SMALL + ["loss=dpo", "stage=evaluate"], tmp_path))
+    assert len(calls) == 4
+    assert {name: (out / name).read_text() for name in saved} == saved
+    timing = result["timing"]  # where the run's time went (isdpo/timing.py), in result.json too
+    assert {"startup", "sft", "preferences", "train", "evaluation", "total"} <= set(timing)
+    assert timing["total"]["cpu_s"] == pytest.approx(sum(v["cpu_s"] for k, v in timing.items() if k != "total"),
+                                                     abs=0.01)
+    assert json.loads((out / "result.json").read_text())["timing"] == timing
+
+
+def test_resume_from_a_checkpoint_at_an_epoch_end_counts_epochs_right(tmp_path, monkeypatch):
+    """A checkpoint written by the last batch of an epoch (step 8 = 256 pairs / 32 per step) resumes in the next
+    epoch, as an uninterrupted run goes on: the same points with the same ``epoch`` (it was one too many: the
+    loader's saved state pointed past the end of the finished epoch, which Lightning had already counted)."""
+    import lightning as L
+
+    from isdpo.stages import align as stages
+
+    common = SMALL + ["task.train.max_steps=12", "task.train.checkpoint_every_n_steps=4"]
+    ref = compose_cfg(common, tmp_path / "a")
+    ref.paths.cache_dir = str(tmp_path / "cache")
+    run_stage(ref)
+    cfg = compose_cfg(common, tmp_path / "b")
+    cfg.paths.cache_dir = str(tmp_path / "cache")
+
+    class CrashAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 10:
+                raise Crash()
+
+    real_build = stages.build_trainer
+    monkeypatch.setattr(stages, "build_trainer", lambda *a, **k: real_build(*a, **{**k, "callbacks": k["callbacks"] + [CrashAt()]}))
+    with pytest.raises(Crash):
+        run_stage(cfg)
+    monkeypatch.setattr(stages, "build_trainer", real_build)
+    run_stage(cfg)
+    a = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in a] == [(0, 0), (4, 0), (8, 0), (12, 1)]
+    assert [(r["step"], r["epoch"]) for r in b] == [(r["step"], r["epoch"]) for r in a]
+    assert [r["win_rate"] for r in b] == [r["win_rate"] for r in a]

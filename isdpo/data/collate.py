@@ -25,19 +25,18 @@ def pad_sequences(
     multiple_of: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Concatenate prompt+response per row and pad; ``loss_mask`` marks response tokens."""
-    rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    length = max(len(r) for r in rows)
+    # All rows at once (one tensor of every token, placed by a mask): a per-row loop costs ~10 us a row.
+    p_len = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    lens = p_len + torch.tensor([len(r) for r in responses], dtype=torch.long)
+    length = int(lens.max())
     length = -(-length // multiple_of) * multiple_of
-    n = len(rows)
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    loss_mask = torch.zeros((n, length), dtype=torch.long)
-    for i, (p, row) in enumerate(zip(prompts, rows)):
-        start = length - len(row) if left else 0
-        input_ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, start : start + len(row)] = 1
-        loss_mask[i, start + len(p) : start + len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    pos = torch.arange(length)
+    start = (length - lens)[:, None] if left else torch.zeros(len(lens), 1, dtype=torch.long)
+    inside = (pos >= start) & (pos < start + lens[:, None])
+    input_ids = torch.full(inside.shape, pad_id, dtype=torch.long)
+    input_ids[inside] = torch.tensor([t for p, r in zip(prompts, responses) for t in (*p, *r)], dtype=torch.long)
+    loss_mask = (inside & (pos >= start + p_len[:, None])).long()
+    return {"input_ids": input_ids, "attention_mask": inside.long(), "loss_mask": loss_mask}
 
 
 class PreferenceCollator:

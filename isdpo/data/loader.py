@@ -57,6 +57,9 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
+        if self.consumed >= len(self):
+            # Saved by the epoch's last batch: Lightning resumes in the next epoch, which starts from its beginning.
+            self.epoch, self.consumed = self.epoch + 1, 0
 
 
 class LoaderProgress(L.Callback):

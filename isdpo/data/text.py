@@ -1,4 +1,5 @@
-"""Real text tasks (TL;DR summarisation, Anthropic-HH dialogue): loading, formatting, tokenizing.
+"""Text data (TL;DR summarisation, Anthropic-HH dialogue, a user's pairs in TRL's formats): loading,
+formatting, tokenizing.
 
 Everything here is plain functions over plain values (no Hydra, no Lightning) so it is testable
 on small local files. The data path is::
@@ -20,6 +21,11 @@ Schemas (the columns this module reads, everything else is ignored):
 
 Texts are used raw (no chat template), as in the paper, whose policies are base models.
 
+task=preference reads TRL's preference formats (:func:`read_preference_rows`, :func:`preference_pairs`):
+standard (texts), conversational (``{role, content}`` message lists rendered with the tokenizer's chat
+template; such prompts are tokenized without adding special tokens, the template writes them) and implicit
+prompt (the shared prefix of chosen and rejected), from JSONL, JSON, Parquet or CSV files or the hub.
+
 Truncation policy (one place, :func:`fit_lengths`), with counts logged for every data set:
 
 1. a prompt longer than ``max_prompt_length`` keeps its END (the question / "TL;DR:" cue that
@@ -38,12 +44,14 @@ malformed JSON line or non-UTF-8 bytes raise :class:`DataError` naming the file,
 from __future__ import annotations
 
 import codecs
+import csv
+import io
 import json
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from isdpo.models import load_tokenizer
 
@@ -129,7 +137,16 @@ def _read_local(path: str) -> tuple[list[dict], list[str]]:
                 where.append(f"{p}:{n}")
                 rows.append(_object(_json(_decode(raw, p, n), p, n), where[-1]))
         return rows, where
-    raise DataError(f"data file {str(p)!r}: unsupported format (use .jsonl, .json or .parquet)")
+    if p.suffix == ".csv":
+        text = _decode(p.read_bytes().removeprefix(codecs.BOM_UTF8), p, 1)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows, where = [], []
+        for r in reader:
+            # csv counts physical lines, so a quoted cell holding newlines still gives the row's last line
+            where.append(f"{p}:{reader.line_num}")
+            rows.append(r)
+        return rows, where
+    raise DataError(f"data file {str(p)!r}: unsupported format (use .jsonl, .json, .parquet or .csv)")
 
 
 def _is_null(value: Any) -> bool:
@@ -146,20 +163,22 @@ def _check_cells(rows: list[dict], columns: Sequence[str], where: Any) -> None:
                 raise DataError(f"{where(i)}: column {c!r} is null; fix or remove the row")
 
 
-def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequence[str]) -> list[dict]:
-    """Rows of one split with (at least) ``columns``, from local files if given, else the hub.
+def read_rows(dataset: str | None, data_files: Any, split: str, columns: Sequence[str],
+              optional: Sequence[str] = ()) -> tuple[list[dict], Callable[[int], str], list[str]]:
+    """Rows of one split with (at least) ``columns``, from local files if given, else the hub; also a function
+    giving row ``i``'s location for error messages and the columns the data has.
 
-    Local files are read directly (JSON lines, JSON array or parquet); hub data sets go through
-    ``datasets.load_dataset(dataset, split=split)``. A missing column, an empty split, a null cell in
-    ``columns`` or an undecodable line raises :class:`DataError` naming the data set or file, the
-    split or row, and the column.
+    Local files are read directly (JSON lines, JSON array, parquet or CSV); hub data sets go through
+    ``datasets.load_dataset(dataset, split=split)`` (keeping ``columns`` and those of ``optional`` it has). A
+    missing column, an empty split, a null cell in ``columns`` or an undecodable line raises
+    :class:`DataError` naming the data set or file, the split or row, and the column.
     """
     local = _local_file(data_files, split)
     where = f"{local!r}" if local else f"data set {dataset!r}"
     if local:
         rows, row_where = _read_local(local)
         locate = row_where.__getitem__
-        available = sorted(rows[0]) if rows else []
+        available = list(rows[0]) if rows else []
     else:
         if not dataset:
             raise DataError("neither a data set name nor data_files is set")
@@ -177,7 +196,8 @@ def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequen
         if missing:
             raise DataError(f"{where} (split {split!r}) has no column {missing[0]!r}; "
                             f"columns: {', '.join(available)}")
-        rows = ds.select_columns(list(columns)).to_list()
+        keep = list(dict.fromkeys([*columns, *(c for c in optional if c in available)]))
+        rows = ds.select_columns(keep).to_list()
 
         def locate(i: int) -> str:
             return f"{where} (split {split!r}) row {i + 1}"
@@ -185,9 +205,15 @@ def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequen
         raise DataError(f"{where} (split {split!r}) is empty")
     missing = [c for c in columns if c not in available]
     if missing:
-        raise DataError(f"{where} (split {split!r}) has no column {missing[0]!r}; columns: {', '.join(available)}")
+        raise DataError(f"{where} (split {split!r}) has no column {missing[0]!r}; "
+                        f"columns: {', '.join(sorted(available))}")
     _check_cells(rows, columns, locate)
-    return rows
+    return rows, locate, available
+
+
+def read_table(dataset: str | None, data_files: Any, split: str, columns: Sequence[str]) -> list[dict]:
+    """The rows of :func:`read_rows`."""
+    return read_rows(dataset, data_files, split, columns)[0]
 
 
 def _blank(text: Any) -> bool:
@@ -246,6 +272,198 @@ def subsample(items: list, n: int | None, seed: int) -> list:
         return list(items)
     idx = sorted(random.Random(seed).sample(range(len(items)), n))
     return [items[i] for i in idx]
+
+
+# --------------------------------------------------------------------------------------------
+# Preference data in TRL's formats (task=preference)
+# --------------------------------------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_preference_rows(dataset: str | None, data_files: Any, split: str, columns: Mapping[str, str | None]
+                         ) -> tuple[list[dict], Callable[[int], str], dict]:
+    """Rows of a preference data set, where each row is, and the columns actually read.
+
+    ``columns``: ``prompt`` (None, or a name the data does not have: the implicit prompt, i.e. the shared
+    prefix of chosen and rejected), ``chosen``, ``rejected``, and ``chosen_logp``/``rejected_logp`` (the
+    behaviour policy's log-probs; None or absent from the data: not read). A column read must be in every row.
+    """
+    cols = dict(as_plain(columns))
+    optional = [cols[k] for k in ("prompt", "chosen_logp", "rejected_logp") if cols.get(k)]
+    rows, locate, available = read_rows(dataset, data_files, split, [cols["chosen"], cols["rejected"]], optional)
+    used = {k: (cols.get(k) if cols.get(k) in available else None) for k in ("prompt", "chosen_logp", "rejected_logp")}
+    used.update(chosen=cols["chosen"], rejected=cols["rejected"])
+    if (used["chosen_logp"] is None) != (used["rejected_logp"] is None):
+        has, lacks = ("chosen_logp", "rejected_logp") if used["chosen_logp"] else ("rejected_logp", "chosen_logp")
+        raise DataError(f"{locate(0)}: has the behaviour log-prob column {used[has]!r} but not {cols[lacks]!r}; "
+                        f"give both (log mu of the chosen and of the rejected response) or neither")
+    _check_cells(rows, [c for c in used.values() if c is not None], locate)
+    return rows, locate, used
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out): a seeded ``fraction`` of ``range(n)`` held out, at least one row and never all."""
+    if n < 2:
+        raise DataError(f"cannot hold out pairs from {n} row(s): give a held-out file or more data")
+    k = min(max(1, round(fraction * n)), n - 1)
+    held = set(random.Random(seed).sample(range(n), k))
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def _messages(value: Any, where: str, column: str) -> list[dict]:
+    """``value`` checked as a non-empty list of ``{"role", "content"}`` text messages."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: column {column!r}: expected a list of {{role, content}} messages (the "
+                        f"conversational format of the other rows), got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{where}: column {column!r}: the message list is empty; fix or remove the row")
+    for j, m in enumerate(value):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: column {column!r}, message {j}: expected {{\"role\": ..., \"content\": ...}}, "
+                            f"got {str(m)[:80]!r}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: column {column!r}, message {j}: role {m['role']!r} is not supported; "
+                            f"allowed: {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: column {column!r}, message {j}: content must be text "
+                            f"(got {type(m['content']).__name__})")
+    return list(value)
+
+
+def _check_turns(prompt: list[dict], response: list[dict], where: str, prompt_column: str, column: str) -> None:
+    """An optional system message, then user and assistant turns alternating from a user turn; the prompt ends
+    with a user turn and the response (the assistant's turn(s)) with an assistant turn."""
+    rule = ("roles must alternate user/assistant after an optional system message, the prompt ending with the "
+            "user's turn and the response with the assistant's; fix or remove the row")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{where}: column {prompt_column!r}: the prompt's last message is {prompt[-1]['role']!r}, "
+                        f"not 'user' ({rule})")
+    offset = 1 if prompt[0]["role"] == "system" else 0
+    for j, m in enumerate(prompt + response):
+        expected = "system" if j < offset else ("user", "assistant")[(j - offset) % 2]
+        if m["role"] != expected:
+            col, k = (prompt_column, j) if j < len(prompt) else (column, j - len(prompt))
+            raise DataError(f"{where}: column {col!r}, message {k}: role {m['role']!r} where {expected!r} "
+                            f"belongs ({rule})")
+    if response[-1]["role"] != "assistant":
+        raise DataError(f"{where}: column {column!r}: the last message is {response[-1]['role']!r}, not "
+                        f"'assistant' ({rule})")
+
+
+def shared_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two strings or two message lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _implicit_prompt(chosen: Any, rejected: Any, where: str, columns: Mapping[str, str]) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of an implicit-prompt pair: the prompt is the shared prefix (of messages, up
+    to the last shared user turn; of text, as TRL's ``extract_prompt``: a space before the split stays with
+    the responses)."""
+    n = shared_prefix(chosen, rejected)
+    if isinstance(chosen, list):
+        while n > 0 and chosen[n - 1]["role"] != "user":
+            n -= 1
+    elif 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0 and chosen != rejected:
+        raise DataError(f"{where}: columns {columns['chosen']!r} and {columns['rejected']!r} share no prefix: "
+                        f"without a prompt column the prompt is their shared prefix (implicit prompt). Name the "
+                        f"data's prompt column in task.columns.prompt, or fix the row")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _strip_eos(text: str, eos: str | None) -> str:
+    """A chat-rendered response without the EOS the template wrote at its end (and what follows it): the EOS
+    token is appended to every response when it is tokenized."""
+    end = text.rstrip()
+    return end[: -len(eos)] if eos and end.endswith(eos) else text
+
+
+def _logp(value: Any, where: str, column: str) -> float:
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise DataError(f"{where}: column {column!r}: {value!r} is not a finite log-probability; fix or remove the row")
+    return x
+
+
+def _blank_messages(messages: list[dict]) -> bool:
+    return all(_blank(m["content"]) for m in messages)
+
+
+def preference_pairs(rows: list[dict], locate: Callable[[int], str], columns: Mapping[str, str | None], *,
+                     fmt: str = "auto", tokenizer=None, drop_identical: bool = True) -> tuple[list[dict], dict, str]:
+    """Rows in one of TRL's preference formats -> text pairs ``{"prompt", "chosen", "rejected"}`` (plus
+    ``chosen_behavior_logp``/``rejected_behavior_logp`` when ``columns`` names them); returns
+    ``(pairs, counts, format)``.
+
+    Formats: *standard* (texts) and *conversational* (lists of ``{role, content}`` messages, rendered with
+    the tokenizer's chat template: the prompt with the generation prompt added, each response as the rest of
+    the rendering of prompt + response, which must start with the rendered prompt); ``fmt="auto"`` takes the
+    format of the first row. Without a prompt column (``columns["prompt"]`` None) the prompt is the shared
+    prefix of chosen and rejected (implicit prompt). Pairs with chosen == rejected (with ``drop_identical``)
+    or an empty prompt or response are dropped and counted; a malformed row raises :class:`DataError`
+    naming the row and the column.
+    """
+    cols = dict(columns)
+    if fmt == "auto":
+        fmt = "conversational" if isinstance(rows[0][cols["chosen"]], list) else "standard"
+    chat = fmt == "conversational"
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{locate(0)}: conversational data needs a chat template and the tokenizer has none: set "
+                        f"task.chat_template (a Jinja template, or the path of a .jinja file)")
+    pcol = cols["prompt"] or cols["chosen"]  # where a bad prompt comes from
+    pairs, identical, empty = [], 0, 0
+    for i, r in enumerate(rows):
+        where = locate(i)
+        if chat:
+            c = _messages(r[cols["chosen"]], where, cols["chosen"])
+            rj = _messages(r[cols["rejected"]], where, cols["rejected"])
+            p = _messages(r[cols["prompt"]], where, cols["prompt"]) if cols["prompt"] else None
+        else:
+            for col in (cols["prompt"], cols["chosen"], cols["rejected"]):
+                if col and isinstance(r[col], (list, dict)):
+                    raise DataError(f"{where}: column {col!r}: expected text (the standard format of the other "
+                                    f"rows), got {type(r[col]).__name__}")
+            c, rj = str(r[cols["chosen"]]), str(r[cols["rejected"]])
+            p = str(r[cols["prompt"]]) if cols["prompt"] else None
+        if p is None:
+            p, c, rj = _implicit_prompt(c, rj, where, cols)
+        if drop_identical and c == rj:
+            identical += 1
+            continue
+        if not (p and c and rj) or (any(_blank_messages(x) for x in (p, c, rj)) if chat
+                                    else any(_blank(x) for x in (p, c, rj))):
+            empty += 1
+            continue
+        if chat:
+            _check_turns(p, c, where, pcol, cols["chosen"])
+            _check_turns(p, rj, where, pcol, cols["rejected"])
+            pair = {"prompt": tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)}
+            for key, msgs in (("chosen", c), ("rejected", rj)):
+                full = tokenizer.apply_chat_template(p + msgs, tokenize=False)
+                if not full.startswith(pair["prompt"]):
+                    n = shared_prefix(full, pair["prompt"])
+                    raise DataError(f"{where}: column {cols[key]!r}: the chat template does not render the prompt "
+                                    f"as the start of prompt + response (they differ from character {n}: "
+                                    f"{pair['prompt'][n:n + 40]!r} vs {full[n:n + 40]!r}); set task.chat_template "
+                                    f"to a template that does")
+                pair[key] = _strip_eos(full[len(pair["prompt"]):], tokenizer.eos_token)
+        else:
+            pair = {"prompt": p, "chosen": c, "rejected": rj}
+        if cols.get("chosen_logp"):
+            pair["chosen_behavior_logp"] = _logp(r[cols["chosen_logp"]], where, cols["chosen_logp"])
+            pair["rejected_behavior_logp"] = _logp(r[cols["rejected_logp"]], where, cols["rejected_logp"])
+        pairs.append(pair)
+    return pairs, {"read": len(rows), "dropped_identical_text": identical, "dropped_empty_text": empty}, fmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,9 +543,10 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Prompt ids with the tokenizer's own special tokens (BOS where the model expects one)."""
-    return [list(p) for p in _encode(tokenizer, prompts, True)]
+def encode_prompts(tokenizer, prompts: list[str], special: bool = True) -> list[list[int]]:
+    """Prompt ids with the tokenizer's own special tokens (BOS where the model expects one); ``special=False``
+    for prompts rendered by a chat template, which writes the model's special tokens itself."""
+    return [list(p) for p in _encode(tokenizer, prompts, special)]
 
 
 def encode_responses(tokenizer, responses: list[str]) -> list[list[int]]:
@@ -347,6 +566,7 @@ def tokenize_pairs(
     keep_text: bool = False,
     pre_counts: Mapping[str, int] | None = None,
     log: bool = True,
+    prompt_special_tokens: bool = True,
 ) -> tuple[list[dict], TruncationStats]:
     """Text pairs -> ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` under the truncation policy.
 
@@ -354,6 +574,7 @@ def tokenize_pairs(
     already carry token ids (``prompt_ids``/``chosen_ids``/``rejected_ids``, e.g. generated by the
     relabel stage) are not re-tokenized; text pairs with an empty prompt or response are dropped (and
     counted) before the EOS is appended. With ``keep_text`` the texts are kept too.
+    ``prompt_special_tokens=False`` for prompts rendered by a chat template (:func:`encode_prompts`).
     """
     pre = dict(pre_counts or {})
     identical_text = int(pre.get("dropped_identical_text", 0))
@@ -366,7 +587,7 @@ def tokenize_pairs(
     text = [i for i, p in enumerate(pairs) if "prompt_ids" not in p]
     blank = {i for i in text if any(_blank(pairs[i][f]) for f in PAIR_FIELDS)}
     need = [i for i in text if i not in blank]
-    enc_p = encode_prompts(tokenizer, [pairs[i]["prompt"] for i in need])
+    enc_p = encode_prompts(tokenizer, [pairs[i]["prompt"] for i in need], prompt_special_tokens)
     enc_c = encode_responses(tokenizer, [pairs[i]["chosen"] for i in need])
     enc_r = encode_responses(tokenizer, [pairs[i]["rejected"] for i in need])
     ids = {i: (p, c, r) for i, p, c, r in zip(need, enc_p, enc_c, enc_r)}

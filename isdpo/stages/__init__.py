@@ -3,10 +3,15 @@ and reads and writes files under ``cfg.paths``; nothing here imports Hydra. One 
 ``STAGES`` maps ``stage=<name>`` to its function."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from isdpo.artifacts import RESULT
+from isdpo.host import reuse_freed_memory
 from isdpo.run_guard import run_folder_lock
 from isdpo.stages.align import run_align
 from isdpo.stages.common import run_dir
@@ -16,6 +21,7 @@ from isdpo.stages.pipeline import run_pipeline
 from isdpo.stages.relabel import run_relabel
 from isdpo.stages.reward import run_reward
 from isdpo.stages.sft import run_sft
+from isdpo.timing import TIMER
 
 STAGES: dict[str, Callable[..., Any]] = {
     "sft": lambda cfg, fast_dev_run: run_sft(cfg, fast_dev_run=fast_dev_run),
@@ -29,10 +35,26 @@ STAGES: dict[str, Callable[..., Any]] = {
 
 
 def run_stage(cfg, fast_dev_run: bool = False) -> Any:
-    """Run ``cfg.stage`` holding the run folder's lock (one process per folder at a time)."""
+    """Run ``cfg.stage`` holding the run folder's lock (one process per folder at a time); a completed run's
+    result.json gets the ``timing`` block (isdpo.timing: seconds per phase, start-up included)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not known; allowed: {', '.join(STAGES)}")
     if cfg.hardware.get("torch_threads"):
         torch.set_num_threads(int(cfg.hardware.torch_threads))
+    if cfg.hardware.get("reuse_freed_memory"):
+        reuse_freed_memory()
+    TIMER.start_run()
     with run_folder_lock(run_dir(cfg)):
-        return STAGES[cfg.stage](cfg, fast_dev_run)
+        result = STAGES[cfg.stage](cfg, fast_dev_run)
+        timing = TIMER.end_run()
+        if isinstance(result, dict) and result.get("status") == "completed":  # stage=align or pipeline, rank zero
+            result["timing"] = timing
+            write_json(run_dir(cfg) / RESULT, result)
+    return result
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, atomically (a reader never sees a half-written file)."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -9,17 +9,20 @@ from pathlib import Path
 
 import lightning as L
 
-from isdpo.artifacts import CHECKPOINT, METRICS, POLICY, RESULT
-from isdpo.callbacks import EvalCallback, read_jsonl
+from isdpo.artifacts import CHECKPOINT, EVALUATION, METRICS, POLICY, RESULT, SAMPLES
+from isdpo.callbacks import EvalCallback, PairEvaluator, read_jsonl
 from isdpo.distributed import rank_world
 from isdpo.flops import PerfMonitor
 from isdpo.losses import build_loss
-from isdpo.models import load_causal_lm
+from isdpo.models import load_causal_lm, shared_copy
 from isdpo.recipe import pair_loader, preference_module, prepare_model
 from isdpo.run_guard import check_checkpoint, check_identity, fit
-from isdpo.stages.common import load_reference, plain, run_dir, save_model, stage_logger, task_of
+from isdpo.stages.common import (load_reference, lora_settings, plain, reference_path, run_dir, save_model, stage_logger,
+                                 task_of)
+from isdpo.stages.evaluate import write_evaluation
 from isdpo.stages.sft import run_sft
-from isdpo.trainer import accumulation, build_trainer, finish_logger
+from isdpo.timing import TIMER
+from isdpo.trainer import accumulation, build_trainer, finish_logger, full_state_dict
 
 
 def resume_point(cfg, out: Path, fast_dev_run: bool) -> str | None:
@@ -36,23 +39,36 @@ def resume_point(cfg, out: Path, fast_dev_run: bool) -> str | None:
     return resume
 
 
-def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> dict:
-    """Preference training with the configured loss; returns result.json's content ({} on ranks > 0)."""
+def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save_evaluation: bool = False) -> dict:
+    """Preference training with the configured loss; returns result.json's content ({} on ranks > 0).
+
+    ``save_evaluation`` (stage=pipeline): the final evaluation point of the curve is also written as stage=evaluate
+    writes it (evaluation.json, samples.jsonl: the same policy, evaluator and seed, so the same numbers), and
+    stage=evaluate need not run; a run resumed at its end evaluates nothing and leaves them unwritten."""
     out = run_dir(cfg)
     resume = resume_point(cfg, out, fast_dev_run)  # before anything expensive: a mismatch stops here
-    ref_dir = ref_dir or run_sft(cfg, fast_dev_run=fast_dev_run)
+    if ref_dir is None:  # still None afterwards when the task's reference is model.pretrained (no SFT)
+        ref_dir = run_sft(cfg, fast_dev_run=fast_dev_run)
     task = task_of(cfg)
     reference = load_reference(cfg, task, ref_dir)
     loss_fn = build_loss(cfg.loss.base, cfg.beta, plain(cfg.loss.params), plain(cfg.loss.importance_sampling))
-    pairs = task.preference_examples(reference, ref_dir)
-    evaluator = task.evaluator(reference, cfg.task.eval)
+    with TIMER.phase("preferences"):
+        pairs = task.preference_examples(reference, ref_dir)
+    with TIMER.phase("evaluation"):
+        evaluator = task.evaluator(reference, cfg.task.eval)
+        held_out = PairEvaluator(task.eval_pairs(reference, cfg.task.eval), pad_id=task.pad_id,
+                                 batch_size=cfg.hardware.per_device_batch_size)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     hw, tr = cfg.hardware, cfg.task.train
-    # The policy starts as a copy of the reference (both from the SFT checkpoint).
-    policy = prepare_model(load_causal_lm(cfg.model, vocab_size=task.vocab_size, path=str(ref_dir / "model")),
-                           activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
-                           compile=tr.compile)
+    # The policy starts as the reference (both from the SFT checkpoint, or both model.pretrained): a second copy, or
+    # with LoRA adapters the reference's own weights in a module tree of its own (the reference is the policy
+    # without its adapters, and only one copy of the weights is in memory).
+    lora = lora_settings(cfg, "align")
+    start = (shared_copy(reference) if lora else
+             load_causal_lm(cfg.model, vocab_size=task.vocab_size, path=reference_path(ref_dir)))
+    policy = prepare_model(start, activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
+                           compile=tr.compile, lora=lora, seed=cfg.seed)
     acc = accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
     loader = pair_loader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed, pad_id=task.pad_id,
                          num_workers=hw.num_workers, length_grouped=tr.length_grouped,
@@ -63,39 +79,78 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False) -> d
                                fused_adamw=tr.fused_adamw, strategy=hw.strategy)
     # The throughput monitor must come before the evaluation, which it must not time.
     callbacks = [PerfMonitor(peak_flops=hw.get("peak_flops", "auto")),
-                 EvalCallback(evaluator, out / METRICS, cfg.task.eval.every_n_steps)]
+                 EvalCallback(evaluator, out / METRICS, cfg.task.eval.every_n_steps, held_out)]
     logger = stage_logger(cfg, "align")
     try:
-        trainer = build_trainer(hw, max_steps=tr.max_steps, accumulate=acc, run_dir=out, logger=logger,
+        # max_steps null (task=preference): task.train.epochs passes over the pairs.
+        epochs = tr.epochs if tr.max_steps is None else None
+        trainer = build_trainer(hw, max_steps=tr.max_steps if epochs is None else -1, max_epochs=epochs,
+                                accumulate=acc, run_dir=out, logger=logger,
                                 callbacks=callbacks, gradient_clip_val=tr.gradient_clip_val,
                                 checkpoint_every_n_steps=0 if fast_dev_run else tr.checkpoint_every_n_steps,
-                                fast_dev_run=fast_dev_run, model=policy)
+                                fast_dev_run=fast_dev_run, model=policy,
+                                frozen=[] if lora else [reference])  # LoRA: the reference's weights are the policy's
         if resume:
             print(f"[isdpo] resuming from {resume}")
+        if save_evaluation and trainer.is_global_zero:  # an earlier run's would outlive this one's policy
+            for name in (EVALUATION, SAMPLES):
+                (out / name).unlink(missing_ok=True)
         started = time.time()
-        fit(trainer, module, loader, ckpt_path=resume)
+        with TIMER.phase("train"):
+            fit(trainer, module, loader, ckpt_path=resume)
         if tr.checkpoint_every_n_steps > 0 and not fast_dev_run:
             # The final state too, so rerunning a finished job resumes at its end instead of retraining.
             trainer.save_checkpoint(out / CHECKPOINT)
+        whole = full_state_dict(trainer)  # FSDP: each rank holds a shard; gathering is a collective
         if not trainer.is_global_zero:  # other data-parallel ranks stop here; rank zero writes
             return {}
-        save_model(policy, task, out / POLICY)
+        save_model(policy, task, out / POLICY, merged=bool(lora) and cfg.peft.merge_on_save, state_dict=whole)
         result = write_result(cfg, out, time.time() - started, ref_dir)
+        final = next(c for c in callbacks if isinstance(c, EvalCallback)).last_evaluation
+        # One process: the evaluated policy is the saved one (a sharded policy is evaluated again from policy/).
+        if save_evaluation and final is not None and final[0] == trainer.global_step and trainer.world_size == 1:
+            write_evaluation(out, final[1], str(out / POLICY))
     finally:
         finish_logger(logger)
     return result
 
 
-def write_result(cfg, out: Path, seconds: float, ref_dir: Path) -> dict:
+def peak_point(rows: list[dict]) -> tuple[dict | None, str | None]:
+    """(the best evaluation point, by what): the highest golden win rate; without one (no golden reward), the
+    highest held-out preference accuracy, ties to the lower held-out loss."""
+    if not rows:
+        return None, None
+    if all("win_rate" in r for r in rows):
+        return max(rows, key=lambda r: r["win_rate"]), "win_rate"
+    if all("rewards/accuracies" in r for r in rows):
+        return max(rows, key=lambda r: (r["rewards/accuracies"], -r["loss"])), "rewards/accuracies"
+    return None, None
+
+
+def summary(result: dict) -> str:
+    """One line on a finished run: its final and peak evaluation points (result.json's)."""
+    f, p = result["final"], result.get("peak")
+    if "win_rate" in f:
+        peak = f", peak {p['win_rate']:.3f} (step {p['step']})" if p else ""
+        return f"final win rate {f['win_rate']:.3f} (step {f['step']}){peak}, final KL {f['kl']:.3f}"
+    if "rewards/accuracies" in f:
+        peak = f", peak accuracy {p['rewards/accuracies']:.3f} (step {p['step']})" if p else ""
+        return (f"final held-out accuracy {f['rewards/accuracies']:.3f}, loss {f['loss']:.4f} (step {f['step']})"
+                f"{peak}")
+    return f"finished at step {f['step']} (no evaluation metrics: no golden reward and task.eval.n_pairs=0)"
+
+
+def write_result(cfg, out: Path, seconds: float, ref_dir: Path | None) -> dict:
     """result.json: the final and the peak evaluation point of metrics.jsonl, plus what the run was."""
     rows = read_jsonl(out / METRICS)
     final = rows[-1] if rows else None
-    peak = max(rows, key=lambda r: r["win_rate"]) if rows else None
+    peak, peak_by = peak_point(rows)
     result = {
         "status": "completed", "task": cfg.task.name, "loss": cfg.loss.name, "beta": float(cfg.beta),
         "seed": int(cfg.seed), "run_name": cfg.run_name, "experiment": cfg.experiment,
-        "final": final, "peak": peak, "n_eval_points": len(rows), "train_seconds": round(seconds, 1),
-        "reference_dir": str(ref_dir), "output_dir": str(out),
+        "final": final, "peak": peak, "peak_by": peak_by, "n_eval_points": len(rows),
+        "train_seconds": round(seconds, 1),
+        "reference_dir": str(ref_dir) if ref_dir is not None else str(cfg.model.pretrained), "output_dir": str(out),
     }
     tmp = out / f"{RESULT}.tmp"
     tmp.write_text(json.dumps(result, indent=2))

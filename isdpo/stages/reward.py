@@ -10,14 +10,15 @@ from torch.utils.data import DataLoader
 
 from isdpo.artifacts import publish, reward_dir, reward_key
 from isdpo.data.text import as_plain, get_tokenizer, load_pairs, require_nonempty, subsample, tokenize_pairs
-from isdpo.golden_rm import load_reward_model
+from isdpo.golden_rm import load_reward_model, score_head_names
+from isdpo.models import merge_adapters
 from isdpo.module import RewardModule
 from isdpo.recipe import pair_collator, pair_loader, prepare_model
 from isdpo.run_guard import fit
-from isdpo.stages.common import run_dir, stage_logger
+from isdpo.stages.common import LORA_KEYS, run_dir, stage_logger
 from isdpo.stages.sft import sft_reference
 from isdpo.tasks import build_task
-from isdpo.trainer import accumulation, build_trainer, finish_logger
+from isdpo.trainer import accumulation, build_trainer, finish_logger, full_state_dict
 
 
 def reward_pairs(task_cfg: Mapping[str, Any], tokenizer, which: str) -> list[dict]:
@@ -46,14 +47,18 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
 
     def build(tmp: Path) -> dict:
         init = None
+        lora = {k: as_plain(r.lora)[k] for k in LORA_KEYS} if r.lora.enabled else None
         if r.init_from_sft:  # the RM's base, SFT-trained on the same pooled set with its own tokenizer
             base_task = build_task(task, r.model, cfg.paths.cache_dir, cfg.paths.output_dir)
             init = str(sft_reference(base_task, r.model, task.sft, hw, cache_dir=cfg.paths.cache_dir,
-                                     make_logger=lambda: stage_logger(cfg, "reward-sft"), fast_dev_run=fast_dev_run) / "model")
+                                     make_logger=lambda: stage_logger(cfg, "reward-sft"), fast_dev_run=fast_dev_run,
+                                     lora=lora) / "model")
         L.seed_everything(int(r.seed), workers=True, verbose=False)
         tok = get_tokenizer(r.model)
         model = load_reward_model(r.model, path=init, pad_token_id=tok.pad_token_id).train()  # from_pretrained gives eval mode
-        prepare_model(model, activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy)
+        # With LoRA, the score head is new: it trains in full beside the adapters.
+        model = prepare_model(model, activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
+                              lora=lora, seed=int(r.seed), trainable=score_head_names(model) if lora else ())
         train, val = reward_pairs(task, tok, "train"), reward_pairs(task, tok, "val")
         acc = accumulation(r.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
         train_loader = pair_loader(train, batch_size=hw.per_device_batch_size, seed=int(r.seed),
@@ -74,9 +79,10 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("reward/")}
         finally:
             finish_logger(logger)
+        whole = full_state_dict(trainer)  # FSDP: each rank holds a shard; gathering is a collective
         if not trainer.is_global_zero:
             return {}
-        model.save_pretrained(tmp / "model")
+        merge_adapters(model).save_pretrained(tmp / "model", state_dict=whole)  # scoring loads a plain model
         tok.save_pretrained(tmp / "model")
         print(f"[isdpo] golden RM: validation accuracy {metrics.get('reward/val_accuracy', float('nan')):.3f} "
               f"on {len(val)} pairs after {trainer.global_step} steps")

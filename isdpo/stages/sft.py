@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import lightning as L
 
 from isdpo.artifacts import cached_dir, sft_dir_key
-from isdpo.models import load_causal_lm
+from isdpo.models import load_causal_lm, merge_adapters
 from isdpo.module import SFTModule
 from isdpo.recipe import prepare_model, sft_loader
 from isdpo.run_guard import fit
-from isdpo.stages.common import save_model, stage_logger, task_of
+from isdpo.stages.common import lora_settings, save_model, stage_logger, task_of
 from isdpo.tasks import Task
-from isdpo.trainer import accumulation, build_trainer, finish_logger
+from isdpo.timing import TIMER
+from isdpo.trainer import accumulation, build_trainer, finish_logger, full_state_dict
 
 
 def sft_micro_batch(global_batch: int, hw) -> tuple[int, int]:
@@ -25,16 +26,21 @@ def sft_micro_batch(global_batch: int, hw) -> tuple[int, int]:
     return int(per_device), accumulation(int(global_batch), int(per_device), int(hw.devices), int(hw.num_nodes))
 
 
+@TIMER.phase("sft")
 def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, make_logger: Callable[[], Any],
-                  fast_dev_run: bool = False) -> Path:
+                  fast_dev_run: bool = False, lora: Mapping[str, Any] | None = None) -> Path:
     """The SFT model of ``model_cfg`` on ``task``'s SFT set (trained, or reused from the store); returns the
-    entry's directory (``model/`` inside). ``make_logger()`` gives the logger of a training that runs."""
+    entry's directory (``model/`` inside). ``make_logger()`` gives the logger of a training that runs. With
+    ``lora`` (adapter settings) only LoRA adapters train, and the entry holds them merged: a plain model."""
     key = sft_dir_key(task.sft_key(), model_cfg, sft_cfg, fast_dev_run)
+    if lora is not None:  # an SFT in full keeps the key it had before LoRA existed
+        key["lora"] = dict(lora)
 
     def build(tmp: Path) -> None:
         L.seed_everything(sft_cfg.seed, workers=True, verbose=False)
         model = prepare_model(load_causal_lm(model_cfg, vocab_size=task.vocab_size),
-                              activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy)
+                              activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
+                              lora=lora, seed=sft_cfg.seed)
         per_device, acc = sft_micro_batch(sft_cfg.batch_size, hw)
         loader = sft_loader(task.sft_examples(), batch_size=per_device, seed=sft_cfg.seed, pad_id=task.pad_id,
                             num_workers=hw.num_workers)
@@ -47,8 +53,10 @@ def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, 
             fit(trainer, module, loader)
         finally:
             finish_logger(logger)
+        whole = full_state_dict(trainer)  # FSDP: each rank holds a shard; gathering is a collective
         if trainer.is_global_zero:
-            save_model(model, task, tmp / "model")
+            # LoRA adapters merged: downstream stages load a plain model
+            save_model(merge_adapters(model), task, tmp / "model", state_dict=whole)
         shutil.rmtree(tmp / "lightning_logs", ignore_errors=True)
 
     path, hit = cached_dir(cache_dir, "sft", key, build, collective=True)
@@ -56,7 +64,13 @@ def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, 
     return path
 
 
-def run_sft(cfg, fast_dev_run: bool = False) -> Path:
-    """The reference policy of the run (the SFT of ``cfg.model`` on the task's SFT set)."""
-    return sft_reference(task_of(cfg), cfg.model, cfg.task.sft, cfg.hardware, cache_dir=cfg.paths.cache_dir,
-                         make_logger=lambda: stage_logger(cfg, "sft"), fast_dev_run=fast_dev_run)
+def run_sft(cfg, fast_dev_run: bool = False) -> Path | None:
+    """The reference policy of the run (the SFT of ``cfg.model`` on the task's SFT set); None when the task's
+    reference is ``model.pretrained`` itself (no SFT)."""
+    task = task_of(cfg)
+    if task.reference_source() == "pretrained":
+        print(f"[isdpo] no SFT stage (task.sft.enabled=false): the reference is model.pretrained={cfg.model.pretrained}")
+        return None
+    return sft_reference(task, cfg.model, cfg.task.sft, cfg.hardware, cache_dir=cfg.paths.cache_dir,
+                         make_logger=lambda: stage_logger(cfg, "sft"), fast_dev_run=fast_dev_run,
+                         lora=lora_settings(cfg, "sft"))

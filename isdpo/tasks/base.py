@@ -24,20 +24,29 @@ class Task(Protocol):
     def upstream_stages(self) -> Sequence[str]:
         """Stages ``stage=pipeline`` runs between SFT and align (e.g. the golden RM and relabelling)."""
 
+    def reference_source(self) -> str:
+        """"sft": the reference (and the policy's start) is stage=sft's model; "pretrained": ``model.pretrained``
+        itself, and no SFT stage runs."""
+
     def sft_key(self) -> dict:
         """What the SFT reference depends on, besides the model and the sft block (cache key)."""
 
     def sft_examples(self) -> list[dict]:
         """``{"prompt_ids", "response_ids"}`` examples of the SFT set."""
 
-    def preference_examples(self, reference, reference_dir: Path) -> list[dict]:
-        """``{"prompt_ids", "chosen_ids", "rejected_ids"[, *_ref_logp, *_behavior_logp]}`` pairs."""
+    def preference_examples(self, reference, reference_dir: Path | None) -> list[dict]:
+        """``{"prompt_ids", "chosen_ids", "rejected_ids"[, *_ref_logp, *_behavior_logp]}`` pairs;
+        ``reference_dir`` is None when the reference is ``model.pretrained``."""
+
+    def eval_pairs(self, reference, eval_cfg: Mapping[str, Any]) -> list[dict]:
+        """``eval_cfg.n_pairs`` held-out pairs (as ``preference_examples``) for the pair metrics; [] = none."""
 
     def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> torch.Tensor:
         """The golden reward of token-id (prompt, response) pairs."""
 
-    def evaluator(self, reference, eval_cfg: Mapping[str, Any]) -> Evaluator:
-        """The over-optimization curve's evaluator (held-out prompts, their reference completions)."""
+    def evaluator(self, reference, eval_cfg: Mapping[str, Any]) -> Evaluator | None:
+        """The over-optimization curve's evaluator (held-out prompts, their reference completions); None when
+        the task has no golden reward (its curve is then the pair metrics alone)."""
 
 
 TaskFactory = Callable[..., Task]

@@ -9,11 +9,13 @@ import torch
 from isdpo.artifacts import cached_dir
 from isdpo.data.synthetic import SyntheticTask
 from isdpo.evaluate import Evaluator
-from isdpo.sampling import sample_responses
+from isdpo.ref_cache import add_reference_logps
+from isdpo.sampling import SampleSpec, sample_each, sample_responses
 from isdpo.tasks.base import register
 
-# Offsets keep the task's random streams disjoint: SFT data, preference prompts/samples/labels, eval prompts.
-_SFT_STREAM, _PREF_STREAM, _EVAL_STREAM = 1, 2, 3
+# Offsets keep the task's random streams disjoint: SFT data, preference prompts/samples/labels, eval prompts,
+# held-out pairs.
+_SFT_STREAM, _PREF_STREAM, _EVAL_STREAM, _HELDOUT_STREAM = 1, 2, 3, 4
 
 
 @register("synthetic")
@@ -37,6 +39,9 @@ class SyntheticRuntime:
     def upstream_stages(self) -> tuple[str, ...]:
         return ()  # the golden reward is an exact function
 
+    def reference_source(self) -> str:
+        return "sft"
+
     def _gen(self, stream: int, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed * 1000 + stream)
 
@@ -53,7 +58,8 @@ class SyntheticRuntime:
 
     def preference_examples(self, reference, reference_dir: Path) -> list[dict]:
         """Pairs of reference samples labelled by Bradley-Terry on the golden reward (cached; with several
-        data-parallel ranks, rank 0 samples them and the others wait for the entry)."""
+        data-parallel ranks, rank 0 samples them and the others wait for the entry), with the reference's
+        log-probs of both responses when ``task.train.precompute_ref_logps`` (cached too: isdpo.ref_cache)."""
         seed = int(self.cfg["data_seed"])
         key = {"reference": str(reference_dir.name), "n_pref_prompts": self.cfg["n_pref_prompts"],
                "pref_temperature": self.cfg["pref_temperature"], "data_seed": seed,
@@ -62,17 +68,36 @@ class SyntheticRuntime:
         def build(tmp: Path) -> None:
             g = self._gen(_PREF_STREAM, seed)
             prompts = self.task.sample_prompts(self.cfg["n_pref_prompts"], g)
-            two = [
-                torch.tensor(sample_responses(
-                    reference, prompts.tolist(), max_new_tokens=self.task.response_length, pad_id=self.pad_id,
-                    temperature=self.cfg["pref_temperature"], seed=seed * 1000 + k, batch_size=2048,
-                ))
-                for k in range(2)
-            ]
+            temp = self.cfg["pref_temperature"]
+            two = [torch.tensor(r) for r in sample_each(
+                reference, prompts.tolist(), [SampleSpec(temp, 1.0, seed * 1000 + k) for k in range(2)],
+                max_new_tokens=self.task.response_length, pad_id=self.pad_id, batch_size=2048,
+            )]
             torch.save(self.task.label_pairs(prompts, two[0], two[1], g), tmp / "pairs.pt")
 
         path, _ = cached_dir(self.cache_dir, "preferences", key, build)
-        return torch.load(path / "pairs.pt")
+        pairs = torch.load(path / "pairs.pt")
+        tr = self.cfg["train"]
+        if tr.get("precompute_ref_logps") and reference is not None:
+            # One reference pass for all the runs of a sweep on these pairs, instead of a reference forward per step.
+            pairs, _, _ = add_reference_logps(pairs, reference, pad_id=self.pad_id, cache_dir=self.cache_dir,
+                                              batch_size=int(tr.get("ref_logps_batch_size", 1000)))
+        return pairs
+
+    def eval_pairs(self, reference, eval_cfg: Mapping[str, Any]) -> list[dict]:
+        """Held-out pairs made as the training pairs are (two reference samples per prompt, Bradley-Terry labels)
+        from held-out prompts; the same for every seed of a sweep."""
+        n = int(eval_cfg.get("n_pairs") or 0)
+        if n == 0:
+            return []
+        g = self._gen(_HELDOUT_STREAM, 0)
+        prompts = self.task.sample_prompts(n, g)
+        temp = self.cfg["pref_temperature"]
+        two = [torch.tensor(r) for r in sample_each(
+            reference, prompts.tolist(), [SampleSpec(temp, 1.0, _HELDOUT_STREAM * 1000 + k) for k in range(2)],
+            max_new_tokens=self.task.response_length, pad_id=self.pad_id, batch_size=2048,
+        )]
+        return self.task.label_pairs(prompts, two[0], two[1], g)
 
     def evaluator(self, reference, eval_cfg: Mapping[str, Any]) -> Evaluator:
         """Held-out prompts (a stream disjoint from training) and one reference completion each."""
@@ -87,5 +112,5 @@ class SyntheticRuntime:
             pad_id=self.pad_id, eos_id=None, max_new_tokens=eval_cfg["max_new_tokens"],
             temperature=eval_cfg["temperature"], top_p=eval_cfg["top_p"],
             samples_per_prompt=eval_cfg["samples_per_prompt"], kl_exact_sampling=eval_cfg["kl_exact_sampling"],
-            seed=eval_cfg["seed"], batch_size=eval_cfg["batch_size"],
+            seed=eval_cfg["seed"], batch_size=eval_cfg["batch_size"], score_batch_size=eval_cfg.get("score_batch_size"),
         )

@@ -98,6 +98,9 @@ class TextRuntime:
         """The golden RM labels the pairs (when training on relabelled preferences) and judges every evaluation."""
         return ("reward", "relabel") if self.cfg["train"]["preferences"] == "relabelled" else ("reward",)
 
+    def reference_source(self) -> str:
+        return "sft"
+
     # -- SFT ---------------------------------------------------------------------------------
 
     def sft_key(self) -> dict:
@@ -197,6 +200,17 @@ class TextRuntime:
         require_nonempty(toks, f"the {self.cfg['name']} evaluation set")
         examples = [{"prompt_ids": t["prompt_ids"], "response_ids": t[f"{which}_ids"]} for t in toks]
         return examples, [t["prompt"] for t in toks], [t[which] for t in toks]
+
+    def eval_pairs(self, reference, eval_cfg: Mapping[str, Any]) -> list[dict]:
+        """``n_pairs`` pairs of the eval split with the data set's own labels (seeded subset), tokenized like the
+        training pairs."""
+        n = int(eval_cfg.get("n_pairs") or 0)
+        if n == 0:
+            return []
+        pairs, counts = load_pairs(self._spec(), self.cfg["splits"]["eval"])
+        examples, _ = tokenize_pairs(subsample(pairs, n, int(eval_cfg["seed"])), self.tokenizer,
+                                     name=f"{self.cfg['name']}/eval pairs", pre_counts=counts, **self.lengths)
+        return examples
 
     def evaluator(self, reference, eval_cfg: Mapping[str, Any]) -> TextEvaluator:
         examples, prompt_texts, ref_texts = self.eval_set(eval_cfg)
