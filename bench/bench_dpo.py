@@ -100,6 +100,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+import lightning as L  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
@@ -404,12 +405,24 @@ class Bench:
 # ------------------------------------------------------------------------------------------------
 
 
-def _sync():
+def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def _timed(marks: list[tuple[float, float]], bench: Bench) -> dict:
+class StepTimer(L.Callback):
+    """(wall, main-thread CPU) time after every training batch, and its loss: the isdpo side's step clock."""
+
+    def __init__(self):
+        self.marks, self.losses = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, *a):
+        sync()
+        self.marks.append((time.perf_counter(), time.thread_time()))
+        self.losses.append(float(outputs["loss"]))
+
+
+def timed(marks: list[tuple[float, float]], bench: Bench) -> dict:
     """Throughput over the steps after the warm-up, by wall clock and by the main thread's CPU time.
 
     With one intra-op thread every op, the backward included (CPU autograd runs on the calling
@@ -432,7 +445,6 @@ def _timed(marks: list[tuple[float, float]], bench: Bench) -> dict:
 
 
 def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from isdpo.data.batching import LengthGroupedSampler, pair_length
@@ -440,15 +452,6 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
     from isdpo.recipe import pair_collator, pair_loader, preference_module, prepare_model
     from isdpo.ref_cache import add_reference_logps
     from isdpo.trainer import build_trainer
-
-    class Timer(L.Callback):
-        def __init__(self):
-            self.marks, self.losses = [], []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, *a):
-            _sync()
-            self.marks.append((time.perf_counter(), time.thread_time()))
-            self.losses.append(float(outputs["loss"]))
 
     B, S = bench.spec.batch, bench.spec
     examples = bench.examples
@@ -481,13 +484,13 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
                                fused_adamw=spec.fused_adam)
     hw = {"accelerator": "gpu" if torch.cuda.is_available() else "cpu", "devices": 1, "num_nodes": 1,
           "precision": "bf16-mixed" if BF16 else "32-true", "strategy": "auto"}
-    timer = Timer()
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(hw, max_steps=S.warmup + S.steps, accumulate=1, run_dir=Path(tmp), logger=False,
                                 callbacks=[timer], gradient_clip_val=CLIP, progress=False)
         with wrap():
             trainer.fit(module, loader)
-    out.update(_timed(timer.marks, bench))
+    out.update(timed(timer.marks, bench))
     out["mean_loss"] = statistics.fmean(timer.losses)  # the quantity TRL reports as training_loss
     del trainer, module, policy, reference, loader
     return out
@@ -510,7 +513,7 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
             self.marks = []
 
         def on_step_end(self, args, state, control, **kw):
-            _sync()
+            sync()
             self.marks.append((time.perf_counter(), time.thread_time()))
 
     class FixedOrderDPOTrainer(DPOTrainer):
@@ -544,7 +547,7 @@ def run_trl(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
                                      and ds["rejected_ids"] == [e["rejected_ids"] for e in bench.examples])
         with wrap():
             res = trainer.train()
-        out.update(_timed(timer.marks, bench))
+        out.update(timed(timer.marks, bench))
         out["mean_loss"] = float(res.training_loss)  # mean of the per-step losses
         del trainer, policy, ref, data, ds
     return out

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dpo import (BETA, CLIP, LR, MODELS, RESULTS, Bench, RSSMonitor, _sync, _timed,  # noqa: E402
+from bench_dpo import (BETA, CLIP, LR, MODELS, RESULTS, Bench, RSSMonitor, StepTimer, sync, timed,  # noqa: E402
                        ensure_smollm2, release_memory, replace_spec)
 
 import torch  # noqa: E402
@@ -54,22 +54,11 @@ CONFIGS = [Config("full/online", False, "online"), Config("lora/online", True, "
 
 
 def run(cfg: Config, bench: Bench) -> dict:
-    import lightning as L
-
     from isdpo.losses import build_loss
     from isdpo.models import freeze, shared_copy
     from isdpo.recipe import pair_loader, preference_module, prepare_model
     from isdpo.ref_cache import add_reference_logps
     from isdpo.trainer import build_trainer
-
-    class Timer(L.Callback):
-        def __init__(self):
-            self.marks, self.losses = [], []
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, *a):
-            _sync()
-            self.marks.append((time.perf_counter(), time.thread_time()))
-            self.losses.append(float(outputs["loss"]))
 
     B, S = bench.spec.batch, bench.spec
     out: dict = {}
@@ -95,12 +84,12 @@ def run(cfg: Config, bench: Bench) -> dict:
                                fused_adamw=True)
     hw = {"accelerator": "gpu" if torch.cuda.is_available() else "cpu", "devices": 1, "num_nodes": 1,
           "precision": "32-true", "strategy": "auto"}
-    timer = Timer()
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(hw, max_steps=S.warmup + S.steps, accumulate=1, run_dir=Path(tmp), logger=False,
                                 callbacks=[timer], gradient_clip_val=CLIP, progress=False)
         trainer.fit(module, loader)
-    out.update(_timed(timer.marks, bench))
+    out.update(timed(timer.marks, bench))
     out["mean_loss"] = statistics.fmean(timer.losses)
     del trainer, module, policy, reference, loader
     return out
