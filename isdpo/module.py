@@ -232,9 +232,9 @@ class PreferenceModule(LMModule):
             if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in f".{name}.":
                 module.p = 0.0
             for obj in (module, getattr(module, "config", None)):
-                for name, value in list(vars(obj).items()) if obj is not None else ():
-                    if "dropout" in name and isinstance(value, float):
-                        setattr(obj, name, 0.0)
+                for key, value in list(vars(obj).items()) if obj is not None else ():
+                    if "dropout" in key and isinstance(value, float):
+                        setattr(obj, key, 0.0)
 
     def pair_logps(self, batch) -> PairLogps:
         logps, lengths = self.logps(self.policy, batch)
