@@ -20,8 +20,9 @@ The split start-up / SFT / preference sets / training / evaluation / other is th
 - baseline: the same phases measured by this script's ``--probe`` mode, which runs the baseline's launch.py
   with timers wrapped around its stage functions, Trainer.fit, the evaluator and the preference set (the
   phases are charged exclusively, as isdpo/timing.py does; the wrappers cost microseconds per call).
-Both sides' per-seed final and peak win rate and KL are printed side by side (bit-identical where the code keeps
-the numbers), and the projected time of the paper's comparison on this testbed: 7 methods x 3 betas x 5 seeds
+Both sides' per-seed final and peak win rate and KL are printed side by side, with the largest difference
+against the seed-to-seed spread (the current code leaves the last position out of the training forward and takes the
+KL's policy log-probs from the sampling pass: float rounding differs, ~1e-6), and the projected time of the paper's comparison on this testbed: 7 methods x 3 betas x 5 seeds
 = 105 runs, at each side's measured wall clock per run. Writes bench/results/bench_sweep.json.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import resource
 import runpy
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,6 +83,21 @@ def curve_points(results: list[dict]) -> dict:
     return {f"{r['loss']} b={r['beta']} s={r['seed']}": {
         "final_win_rate": r["final"]["win_rate"], "peak_win_rate": r["peak"]["win_rate"],
         "peak_step": r["peak"]["step"], "final_kl": r["final"]["kl"]} for r in results}
+
+
+def differences(base: dict, cur: dict) -> dict:
+    """Per metric: (largest |current - baseline| over the runs both sides have, the baseline's seed standard
+    deviation averaged over its configurations)."""
+    out = {}
+    for metric in ("final_win_rate", "peak_win_rate", "final_kl"):
+        keys = [k for k in cur if k in base]
+        diff = max((abs(cur[k][metric] - base[k][metric]) for k in keys), default=float("nan"))
+        groups: dict[str, list[float]] = {}
+        for k in keys:
+            groups.setdefault(k.rsplit(" s=", 1)[0], []).append(base[k][metric])
+        spreads = [statistics.stdev(v) for v in groups.values() if len(v) > 1]
+        out[metric] = (diff, statistics.fmean(spreads) if spreads else float("nan"))
+    return out
 
 
 def main() -> None:
@@ -159,6 +176,11 @@ def main() -> None:
                   f"{a['final_kl']:8.3f} {b['final_kl']:8.3f}")
         print(f"{same} of {n} runs give bit-identical final and peak points on both sides (baseline | current)")
         report["identical_runs"] = same
+        report["max_abs_difference"] = differences(points["baseline"], points["current"])
+        print("largest |current - baseline| over the runs, against the spread of the baseline's seeds (the scale a "
+              "difference would have to reach to matter):")
+        for metric, (diff, spread) in report["max_abs_difference"].items():
+            print(f"  {metric:16} {diff:10.2e}   seed std (mean over configurations) {spread:8.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"[bench] {args.out}")

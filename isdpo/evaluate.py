@@ -73,13 +73,14 @@ class Evaluator:
         specs = [SampleSpec(self.temperature, self.top_p, self.seed)]
         if self.kl_exact_sampling and (self.temperature != 1.0 or self.top_p < 1.0):
             specs.append(SampleSpec(1.0, 1.0, self.seed + 1))  # sampled in the same pass, from its own stream
-        samples = sample_each(policy, prompts, specs, max_new_tokens=self.max_new_tokens, pad_id=self.pad_id,
-                              eos_id=self.eos_id, batch_size=self.batch_size)
+        # The policy's log-probs of its KL samples come from the logits they were drawn from (no second forward).
+        samples, logps = sample_each(policy, prompts, specs, max_new_tokens=self.max_new_tokens, pad_id=self.pad_id,
+                                     eos_id=self.eos_id, batch_size=self.batch_size, logps=True)
         resp, kl_resp = samples[0], samples[-1]  # without separate KL samples, the win-rate samples
         scores = self.score_fn(prompts, resp).float()
         ref_scores = self.reference_scores.repeat_interleave(self.samples_per_prompt)
         score_batch = self.score_batch_size or self.batch_size
-        pol_lp = response_logps(policy, prompts, kl_resp, pad_id=self.pad_id, batch_size=score_batch)
+        pol_lp = logps[-1]
         ref_lp = response_logps(self.reference, prompts, kl_resp, pad_id=self.pad_id, batch_size=score_batch)
         return {
             "win_rate": win_rate(scores, ref_scores),

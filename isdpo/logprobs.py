@@ -71,10 +71,10 @@ def sequence_logps(
     target_mask = loss_mask[:, 1:].bool()
     targets = input_ids[:, 1:]
     n_tokens = target_mask.sum(-1).float()
-    if not torch.is_grad_enabled() and input_ids.shape[1] > 1:
-        # The last position predicts nothing: a no-grad pass (scoring, reference log-probs) leaves it out of the
-        # forward, with the same numbers (causal attention: no earlier position sees it). Training keeps it:
-        # the weight gradients would be summed over one row less, which changes their rounding.
+    if input_ids.shape[1] > 1:
+        # The last position predicts nothing: the forward leaves it out (causal attention: no earlier position
+        # sees it). Same log-probs; in training the weight gradients are summed over one position less, which
+        # changes only their float rounding (bench/README.md).
         input_ids, attention_mask = input_ids[:, :-1], attention_mask[:, :-1]
     position_ids = position_ids_from_mask(attention_mask)
     if response_only and _supports_response_only(model):

@@ -8,7 +8,10 @@ top-p shape the distribution (the evaluation protocol), whatever a checkpoint's 
 
 :func:`sample_each` samples several settings (temperature, top-p, seed) of the same prompts in one pass, one
 forward per step for all of them; each setting draws from its own generator, so it gets exactly the samples it
-gets alone: the evaluation's win-rate and KL samples cost one loop instead of two.
+gets alone: the evaluation's win-rate and KL samples cost one loop instead of two. With ``logps=True`` it also
+returns each sample's log-probability under the model's own distribution (temperature 1, no top-p), summed over the
+response from the logits it drew from: the KL estimate needs no second forward of the policy over its samples
+(equal to a full forward's log-probs up to float rounding, ~1e-6: tests/test_sampling.py).
 """
 from __future__ import annotations
 
@@ -47,8 +50,11 @@ def sample_each(
     eos_id: int | None = None,
     batch_size: int = 256,
     progress: bool = False,
-) -> list[list[list[int]]]:
-    """For each of ``specs``, one sampled response per prompt (token ids without the prompt, cut after EOS).
+    logps: bool = False,
+):
+    """For each of ``specs``, one sampled response per prompt (token ids without the prompt, cut after EOS);
+    with ``logps``, ``(responses, log_probs)``: ``log_probs[j]`` [len(prompts)] float32 of log p(y|x) of setting
+    j's responses under the unwarped model (the tokens up to and including EOS).
 
     ``batch_size`` prompts are sampled together (per setting: it decides which draws of the stream go to
     which prompt, as in ``generate``). Each setting's stream is ``torch.Generator`` seeded with its seed and
@@ -57,6 +63,7 @@ def sample_each(
     """
     k = len(specs)
     results: list[list[list[int]]] = [[] for _ in specs]
+    sums: list[torch.Tensor] = []  # per batch: [k * n] summed log-probs of the drawn tokens
     with inference(model) as device:
         key = _cache_key(model)
         gens = [torch.Generator(device=device).manual_seed(int(s.seed)) for s in specs]
@@ -71,12 +78,14 @@ def sample_each(
             unfinished = torch.ones(k * n, dtype=torch.long, device=device)
             drawing = [True] * k  # a setting whose rows all reached EOS stops drawing, as its own generate would
             tokens, cache = [], None
+            total = torch.zeros(k * n, dtype=torch.float32, device=device) if logps else None
             for step in range(max_new_tokens):
                 out = model(input_ids=inputs, attention_mask=mask, use_cache=True, return_dict=True,
                             **({key: cache} if cache is not None else {}))
                 cache = out[key]
                 logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
                 nxt = torch.full((k * n,), pad_id, dtype=torch.long, device=device)
+                live = unfinished.clone() if logps else None  # rows drawing a response token (EOS included) now
                 for j in range(k):
                     if not drawing[j]:
                         continue
@@ -88,6 +97,9 @@ def sample_each(
                         drawn = drawn * unfinished[rows] + pad_id * (1 - unfinished[rows])
                         unfinished[rows] &= (drawn != eos_id).long()
                     nxt[rows] = drawn
+                if logps:
+                    picked = logits.gather(1, nxt[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+                    total += torch.where(live.bool(), picked, torch.zeros_like(picked))
                 tokens.append(nxt)
                 if eos_id is not None:
                     done = unfinished.view(k, n).amax(1).eq(0).tolist()  # one host sync per step, as generate's
@@ -98,11 +110,16 @@ def sample_each(
                     inputs = nxt[:, None]
                     mask = torch.cat([mask, mask.new_ones(k * n, 1)], dim=1)
             new = torch.stack(tokens, dim=1).tolist()
+            if logps:
+                sums.append(total.view(k, n).cpu())
             for j in range(k):
                 for row in new[j * n : (j + 1) * n]:
                     if eos_id is not None and eos_id in row:
                         row = row[: row.index(eos_id) + 1]
                     results[j].append(row)
+    if logps:
+        per_spec = torch.cat(sums, dim=1) if sums else torch.zeros(k, 0)
+        return results, [per_spec[j] for j in range(k)]
     return results
 
 

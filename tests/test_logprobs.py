@@ -3,7 +3,7 @@ give exactly what separate, full forwards give."""
 import torch
 
 from isdpo.data.collate import PreferenceCollator, pad_sequences
-from isdpo.logprobs import selective_log_softmax, sequence_logps
+from isdpo.logprobs import position_ids_from_mask, selective_log_softmax, sequence_logps
 
 PAIRS = [
     {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8, 9]},
@@ -61,9 +61,10 @@ def test_left_padding_gives_the_same_logps(tiny_lm):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_no_grad_passes_leave_out_the_last_position_with_the_same_numbers(tiny_lm, monkeypatch):
-    """Scoring (no gradients) runs the forward without the last position, which predicts nothing: bit-identical
-    log-probs to the full forward that training runs, right- and left-padded, both LM-head paths."""
+def test_the_forward_leaves_out_the_last_position_with_the_same_numbers(tiny_lm, monkeypatch):
+    """Scoring and training run the forward without the last position, which predicts nothing: bit-identical
+    log-probs to the model's own full-width forward, right- and left-padded, both LM-head paths, with and without
+    gradients."""
     widths = []
     real = type(tiny_lm.model).forward
     monkeypatch.setattr(type(tiny_lm.model), "forward", lambda self, *a, **k: (widths.append(k["input_ids"].shape[1]),
@@ -72,10 +73,17 @@ def test_no_grad_passes_leave_out_the_last_position_with_the_same_numbers(tiny_l
     responses = [p["chosen_ids"] for p in PAIRS] + [p["rejected_ids"] for p in PAIRS]
     for left in (False, True):
         batch = pad_sequences(prompts, responses, pad_id=0, left=left)
+        ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        with torch.no_grad():
+            logits = tiny_lm(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am)).logits
+        full = (selective_log_softmax(logits[:, :-1], ids[:, 1:]) * lm[:, 1:]).sum(-1)
         for response_only in (True, False):
             widths.clear()
             with torch.no_grad():
                 scored, n_scored = sequence_logps(tiny_lm, **batch, response_only=response_only)
-            full, n_full = sequence_logps(tiny_lm, **batch, response_only=response_only)  # as in training
-            assert widths == [batch["input_ids"].shape[1] - 1, batch["input_ids"].shape[1]]
-            assert torch.equal(scored, full.detach()) and torch.equal(n_scored, n_full)
+            trained, n_trained = sequence_logps(tiny_lm, **batch, response_only=response_only)
+            assert widths == [ids.shape[1] - 1, ids.shape[1] - 1]
+            assert trained.requires_grad
+            torch.testing.assert_close(scored, full, atol=2e-6, rtol=0)
+            assert torch.equal(scored, trained.detach()) and torch.equal(n_scored, n_trained)
+            assert torch.equal(n_scored, lm[:, 1:].sum(-1).float())

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from isdpo.data.collate import pad_sequences
+from isdpo.logprobs import response_logps
 from isdpo.sampling import SampleSpec, sample_each, sample_responses
 
 
@@ -52,3 +53,21 @@ def test_several_settings_in_one_pass_give_each_its_own_samples(tiny_lm):
         alone = [sample_responses(tiny_lm, prompts, temperature=s.temperature, top_p=s.top_p, seed=s.seed, **kw)
                  for s in specs]
         assert together == alone
+
+
+@pytest.mark.parametrize("eos_id,pad_id", [(None, 0), (2, 0), (2, 2)])
+def test_sampling_pass_log_probs_equal_a_scoring_forward(tiny_lm, eos_id, pad_id):
+    """``logps=True``: each sample's log p(y|x) under the unwarped model, from the logits it was drawn from, equals
+    a separate scoring forward over (prompt, sample) to float rounding, whatever the setting's warpers; the tokens
+    after EOS (padding) do not count, EOS does (also when padding and EOS are the same token)."""
+    prompts = prompts_of(30, seed=2)
+    specs = [SampleSpec(0.7, 0.95, 21), SampleSpec(1.0, 1.0, 22)]
+    kw = dict(max_new_tokens=10, pad_id=pad_id, eos_id=eos_id, batch_size=8)
+    samples, logps = sample_each(tiny_lm, prompts, specs, logps=True, **kw)
+    assert samples == sample_each(tiny_lm, prompts, specs, **kw)  # the samples do not change
+    if eos_id is not None:
+        assert any(len(r) < 10 for r in samples[1])
+    for responses, lp in zip(samples, logps):
+        assert lp.shape == (len(prompts),) and lp.dtype == torch.float32
+        scored = response_logps(tiny_lm, prompts, responses, pad_id=pad_id)
+        torch.testing.assert_close(lp, scored, atol=1e-4, rtol=1e-5)
