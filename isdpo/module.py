@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import move_data_to_device
 
 from isdpo.golden_rm import bradley_terry_loss, sequence_rewards
 from isdpo.logprobs import batch_logps
 from isdpo.losses import DAALoss, PairLogps
 from isdpo.models import freeze
+from isdpo.online import OnlinePairs
 from isdpo.optim import build_optimizer
 
 
@@ -216,12 +218,15 @@ class PreferenceModule(LMModule):
     Chosen and rejected rows arrive stacked in one batch (isdpo.data.collate), so
     each model runs ONE forward per step. When the batch carries
     ``chosen_ref_logp``/``rejected_ref_logp`` (precomputed), ``reference`` may be None.
+    With ``online`` (online DPO, isdpo.online), batches carry prompts only and each training step first samples
+    and labels its pairs from the current policy; the rest of the step is the same.
     """
 
-    def __init__(self, policy, reference, loss_fn: DAALoss, **kw):
+    def __init__(self, policy, reference, loss_fn: DAALoss, *, online: OnlinePairs | None = None, **kw):
         super().__init__(policy, **kw)
         self.reference = freeze(reference) if reference is not None else None
         self.loss_fn = loss_fn
+        self.online = online
         # As TRL's DPOTrainer (disable_dropout=True): with dropout the policy's log-probs at step 0 would
         # differ from the reference's, so rho != 0 and the IS weight != 1 before any training.
         # Attention dropout is no module but a float that HF attention layers (and some read it from the
@@ -253,7 +258,13 @@ class PreferenceModule(LMModule):
             behavior_chosen=batch.get("chosen_behavior_logp"), behavior_rejected=batch.get("rejected_behavior_logp"),
         )
 
+    def online_batch(self, batch) -> dict:
+        """This step's pair batch for the prompts of ``batch`` (``online``), on the module's device."""
+        return move_data_to_device(self.online(self.policy, batch["prompt_ids"], self.global_step), self.device)
+
     def training_step(self, batch, batch_idx):
+        if self.online is not None:
+            batch = self.online_batch(batch)
         lp = self.pair_logps(batch)
         out = self.loss_fn(lp)
         refs = {} if lp.ref_chosen is None else {"logps/ref_chosen": lp.ref_chosen.float().mean(),

@@ -12,6 +12,7 @@ from isdpo.logprobs import compile_decoder
 from isdpo.losses import DAALoss
 from isdpo.models import add_lora
 from isdpo.module import PreferenceModule
+from isdpo.online import OnlinePairs, PromptCollator
 
 
 def prepare_model(model, *, activation_checkpointing: bool = False, strategy: str = "auto", compile: bool = False,
@@ -35,9 +36,10 @@ def pair_collator(pad_id: int, *, packing: bool = False, share_prompt: bool = Tr
 
 def pair_loader(pairs: Sequence[dict], *, batch_size: int, seed: int, pad_id: int, num_workers: int = 0,
                 shuffle: bool = True, length_grouped: bool = False, group_batches: int = 64, packing: bool = False,
-                share_prompt: bool = True):
-    """A seeded, rank-sharded, resumable loader of preference pairs (length-grouped when asked)."""
-    collate = pair_collator(pad_id, packing=packing, share_prompt=share_prompt)
+                share_prompt: bool = True, prompts_only: bool = False):
+    """A seeded, rank-sharded, resumable loader of preference pairs (length-grouped when asked); with
+    ``prompts_only`` (online training) the same order of the pairs' prompts alone."""
+    collate = PromptCollator() if prompts_only else pair_collator(pad_id, packing=packing, share_prompt=share_prompt)
     if length_grouped:
         return LengthGroupedLoader(pairs, batch_size=batch_size, seed=seed, shuffle=shuffle, collate_fn=collate,
                                    num_workers=num_workers, group_batches=group_batches)
@@ -53,8 +55,10 @@ def sft_loader(examples: Sequence[dict], *, batch_size: int, seed: int, pad_id: 
 
 def preference_module(policy, reference, loss_fn: DAALoss, *, lr: float, weight_decay: float = 0.0,
                       warmup_steps: int = 0, schedule: str = "constant", response_only: bool = True,
-                      concatenated: bool = True, fused_adamw: bool = False, strategy: str = "auto") -> PreferenceModule:
-    """The preference module; the fused AdamW kernel is not used under FSDP (it needs whole parameters)."""
+                      concatenated: bool = True, fused_adamw: bool = False, strategy: str = "auto",
+                      online: OnlinePairs | None = None) -> PreferenceModule:
+    """The preference module (``online``: each step samples its pairs, isdpo.online); the fused AdamW kernel is
+    not used under FSDP (it needs whole parameters)."""
     return PreferenceModule(policy, reference, loss_fn, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
                             schedule=schedule, response_only=response_only, concatenated=concatenated,
-                            fused_adamw=fused_adamw and strategy != "fsdp")
+                            fused_adamw=fused_adamw and strategy != "fsdp", online=online)

@@ -126,6 +126,14 @@ class Loss:
     base: str = MISSING  # a key of isdpo.losses.LOSSES (checked by building the loss)
     params: Dict[str, Any] = field(default_factory=dict)
     importance_sampling: ImportanceSampling = field(default_factory=ImportanceSampling)
+    online: bool = False  # true = online training: each step samples and labels its pairs from the policy (isdpo/online.py)
+
+    @staticmethod
+    def check(node: DictConfig, at: str) -> None:
+        _require(not (node.online and node.importance_sampling.enabled),
+                 f"{at}.online=true with {at}.importance_sampling.enabled=true: on-policy samples have importance "
+                 f"weight 1, so the two do not combine. Set {at}.importance_sampling.enabled=false (loss=online_dpo) "
+                 f"for online training, or {at}.online=false for IS-DAA on the offline pairs")
 
 
 @dataclass
@@ -571,6 +579,13 @@ class Config:
                  f"peft.backend={cfg.peft.backend} with hardware.strategy=fsdp is not supported: the adapters are "
                  f"small enough for data parallelism (a hardware profile with strategy ddp), or train without them "
                  f"(peft=none)")
+        _require(not cfg.loss.online or OmegaConf.get_type(cfg.task) is not PreferenceTask,
+                 f"loss.online=true needs a golden reward to label the policy's samples: task={cfg.task.name} has "
+                 f"none; use task=synthetic, tldr or hh, or loss.online=false")
+        _require(not cfg.loss.online or cfg.hardware.strategy != "fsdp",
+                 f"loss.online=true with hardware.strategy=fsdp is not supported: each rank samples its own prompts, "
+                 f"and sharded weights would make the ranks' forwards wait on each other; use a hardware profile "
+                 f"with strategy ddp (or auto)")
         _require(not (cfg.task.train.packing and cfg.model.attn_implementation == "flash_attention_2"),
                  "task.train.packing=true needs model.attn_implementation sdpa or eager (the packed block-diagonal "
                  "mask cannot go through flash_attention_2)")

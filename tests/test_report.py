@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from isdpo import report, report_plots
+from isdpo import report, report_plots, report_stats
 from tests.hydra_utils import compose_cfg
 
 LOSSES, BETAS, SEEDS = ("dpo", "isdpo"), (0.01, 0.1), (0, 1)
@@ -147,8 +147,8 @@ def test_table_numbers_equal_result_files(sweep, built):
             else:
                 assert row["judge_win_rate_n"] == 0
     assert "| judge win rate |" in md and "Columns in `code`" not in md  # nothing but loss/beta/seed varies
-    # One Markdown row per loss x beta.
-    assert sum(line.startswith("| `") for line in md.split("## Incomplete")[0].splitlines()) == 4
+    # One Markdown row per loss x beta in the summary (the Statistics section that follows has its own tables).
+    assert sum(line.startswith("| `") for line in md.split("## Statistics")[0].splitlines()) == 4
 
 
 def test_report_lists_incomplete_and_failed_runs(built):
@@ -201,8 +201,8 @@ def test_figures_panels_lines_and_colours(sweep, show_seeds):
     runs = [r for r in report.load_sweep(sweep) if r.ok]
     colours = report_plots.loss_colours(LOSSES)
     per_loss_lines = 1 + (len(SEEDS) if show_seeds else 0)  # the seed mean, plus one thin line per seed
-    expected = {report_plots.plot_overoptimization: len(LOSSES) * per_loss_lines + 1,  # + the 0.5 line
-                report_plots.plot_win_rate_vs_step: len(LOSSES) * per_loss_lines + 1,
+    # The against-step figures (the over-optimization figure has its own test: points and bins, not seed lines).
+    expected = {report_plots.plot_win_rate_vs_step: len(LOSSES) * per_loss_lines + 1,  # + the 0.5 line
                 report_plots.plot_kl_vs_step: len(LOSSES) * per_loss_lines}
     for plot, n_lines in expected.items():
         fig = plot(runs, colours, task="synthetic", show_seeds=show_seeds)
@@ -221,6 +221,30 @@ def test_figures_panels_lines_and_colours(sweep, show_seeds):
         assert [t for t in legend_texts if t.split(" ")[0] in LOSSES] == [f"{l} (mean over seeds)" for l in LOSSES]
         assert fig._suptitle.get_text()
         report_plots.plt.close(fig)
+
+
+def test_overoptimization_points_and_bins(sweep):
+    """All evaluation points are drawn; the line is the mean win rate of equal-count bins of sqrt KL."""
+    runs = [r for r in report.load_sweep(sweep) if r.ok]
+    colours = report_plots.loss_colours(LOSSES)
+    fig = report_plots.plot_overoptimization(runs, colours, task="synthetic")
+    assert len(fig.axes) == len(BETAS)
+    assert len({ax.get_xlim() for ax in fig.axes}) == 1  # one x-range for every beta
+    for ax, beta in zip(fig.axes, BETAS):
+        assert len(ax.lines) == len(LOSSES) + 1  # a binned line per loss + the 0.5 line
+        for loss in LOSSES:
+            rows = [row for s in SEEDS for row in metrics_rows(loss, beta, s)]
+            x = np.sqrt([r["kl"] for r in rows])
+            y = np.array([r["win_rate"] for r in rows])
+            points = next(c for c in ax.collections if c.get_offsets().shape[0] == len(rows)
+                          and np.allclose(np.sort(c.get_offsets()[:, 0]), np.sort(x)))
+            assert points.get_alpha() < 0.5
+            line = next(line for line in ax.lines if line.get_label() == loss)
+            order = np.argsort(x, kind="stable")
+            bins = np.array_split(order, report_stats.default_bins(len(rows)))
+            assert np.allclose(line.get_xdata(), [x[b].mean() for b in bins])
+            assert np.allclose(line.get_ydata(), [y[b].mean() for b in bins])
+    report_plots.plt.close(fig)
 
 
 def test_seed_mean_is_the_mean_at_each_step(sweep):
@@ -390,7 +414,8 @@ def test_runs_differing_in_a_swept_setting_are_not_merged(clip_sweep, tmp_path):
     means = {line.get_label(): line for line in fig.axes[0].lines if line.get_label() in labels}
     assert set(means) == labels and len({line.get_color() for line in means.values()}) == 2
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert [t for t in legend if "mean over seeds" in t] == [f"isdpo, log_clip={c} (mean over seeds)" for c in CLIPS]
+    # The over-optimization line is now a mean over √KL bins of all points (it was the per-step seed mean).
+    assert [t for t in legend if "binned mean" in t] == [f"isdpo, log_clip={c} (binned mean)" for c in CLIPS]
     report_plots.plt.close(fig)
 
 

@@ -15,7 +15,8 @@ from isdpo.distributed import rank_world
 from isdpo.flops import PerfMonitor
 from isdpo.losses import build_loss
 from isdpo.models import load_causal_lm, shared_copy
-from isdpo.recipe import pair_loader, preference_module, prepare_model
+from isdpo.online import OnlinePairs
+from isdpo.recipe import pair_collator, pair_loader, preference_module, prepare_model
 from isdpo.run_guard import check_checkpoint, check_identity, fit
 from isdpo.stages.common import (load_reference, lora_settings, plain, reference_path, run_dir, save_model, stage_logger,
                                  task_of)
@@ -70,13 +71,19 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
     policy = prepare_model(start, activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
                            compile=tr.compile, lora=lora, seed=cfg.seed)
     acc = accumulation(tr.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
+    # loss.online (online DPO): the loader gives the pairs' prompts, in the same order, and each step samples and
+    # labels its own pairs from the current policy (isdpo.online).
+    online = OnlinePairs(task.score, pair_collator(task.pad_id, packing=tr.packing, share_prompt=tr.share_prompt),
+                         pad_id=task.pad_id, eos_id=task.eos_id, max_new_tokens=cfg.task.eval.max_new_tokens,
+                         seed=cfg.seed) if cfg.loss.online else None
     loader = pair_loader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed, pad_id=task.pad_id,
                          num_workers=hw.num_workers, length_grouped=tr.length_grouped,
-                         group_batches=tr.group_batches, packing=tr.packing, share_prompt=tr.share_prompt)
+                         group_batches=tr.group_batches, packing=tr.packing, share_prompt=tr.share_prompt,
+                         prompts_only=online is not None)
     module = preference_module(policy, reference, loss_fn, lr=tr.lr, weight_decay=tr.weight_decay,
                                warmup_steps=tr.warmup_steps, schedule=tr.schedule,
                                response_only=tr.response_only_logits, concatenated=tr.concatenated_forward,
-                               fused_adamw=tr.fused_adamw, strategy=hw.strategy)
+                               fused_adamw=tr.fused_adamw, strategy=hw.strategy, online=online)
     # The throughput monitor must come before the evaluation, which it must not time.
     callbacks = [PerfMonitor(peak_flops=hw.get("peak_flops", "auto")),
                  EvalCallback(evaluator, out / METRICS, cfg.task.eval.every_n_steps, held_out)]
