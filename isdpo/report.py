@@ -57,7 +57,7 @@ from isdpo.report_plots import FIGURE_KEYS, FIGURES, PER_INSTANCE_FIGURES, loss_
     series_colours, svg_path
 from isdpo.report_stats import N_RESAMPLES, Interval, bootstrap_interval, claim, format_interval, interval_note, \
     pair_up, stratified_interval
-from isdpo.schema import flatten
+from isdpo.schema import default_of, flatten
 
 RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
     ".hydra/overrides.yaml"
@@ -91,7 +91,9 @@ class Run:
     result: dict | None = None
     metrics: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    config: dict[str, Any] | None = None  # .hydra/config.yaml flattened ("a.b.c" -> value), as written
+    # .hydra/config.yaml flattened ("a.b.c" -> value), as written; ``load_sweep`` adds the schema default of a key
+    # other runs have and this one lacks (written by code older than the key)
+    config: dict[str, Any] | None = None
     # Set by ``assign_variants`` (from the whole sweep): the swept settings shown for this run (key -> value),
     # the values of every varying setting but the seed (what the tables group by), and the legend label.
     variant: dict[str, Any] = field(default_factory=dict)
@@ -368,6 +370,7 @@ def load_sweep(root: Path, exclude: Path | None = None, instance_key: str = INST
     included) the newer is kept and the older marked duplicate, so a rerun is never averaged with itself."""
     root = Path(root)
     runs = [load_run(folder, root) for folder in discover(root, exclude)]
+    fill_defaults(runs)
     newest: dict[tuple, Run] = {}
     for run in sorted((r for r in runs if r.ok), key=lambda r: (r.path / RESULT).stat().st_mtime):
         if run.key in newest:
@@ -377,6 +380,20 @@ def load_sweep(root: Path, exclude: Path | None = None, instance_key: str = INST
         newest[run.key] = run
     assign_variants(runs, instance_key)
     return runs
+
+
+def fill_defaults(runs: list[Run]) -> None:
+    """Give each config the schema default of every key that another run's config has and it lacks: a run of
+    code older than the key ran with what the default does, so it is neither a variant nor a new seed group.
+    Keys without a schema default stay absent (``NOT_SET``)."""
+    configs = [r.config for r in runs if r.config is not None]
+    for key in sorted({k for config in configs for k in config}):
+        lacking = [config for config in configs if key not in config]
+        if not lacking:
+            continue
+        found, default = default_of(key)
+        for config in lacking if found else ():
+            config[key] = default
 
 
 def varying_keys(runs: list[Run]) -> list[str]:

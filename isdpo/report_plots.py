@@ -284,6 +284,7 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
     rows, betas, order = _instance_rows(runs, per_instance), sorted({r.beta for r in runs}), series_order(runs)
     fig, axes = _grid(len(rows), len(betas))
     drawn: list[str] = []
+    x_max = 0.0
     for i, (instance, row_runs) in enumerate(rows):
         grouped = _by_beta_and_series(row_runs)
         for j, beta in enumerate(betas):
@@ -294,6 +295,7 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
                 x = np.array([p[0] for p in points], dtype=float)
                 y = np.array([p[1] for p in points], dtype=float)
                 ok = np.isfinite(x) & np.isfinite(y)
+                x_max = max([x_max, *x[ok].tolist()])
                 ax.scatter(x[ok], y[ok], s=6, color=colour, alpha=0.22, linewidths=0, rasterized=True,
                            label="_points")
                 bx, by, low, high = binned_curve(x, y, default_bins(int(ok.sum())), n_resamples=FIGURE_RESAMPLES)
@@ -301,9 +303,10 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
                 ax.plot(bx, by, color=colour, linewidth=2.0, marker="o", markersize=3.5, zorder=3, label=label)
                 drawn += [label] if label not in drawn else []
             ax.axhline(0.5, color="0.5", linestyle="--", linewidth=0.9, label="_reference")
-            ax.set_xlim(left=0.0)
             _panel_title(ax, beta, instance, per_series, order)
             _style(ax, "√KL(π‖π_ref)  (k3 estimate)", "golden win rate vs reference")
+    for ax in (a for row in axes for a in row):  # once, after every panel: set_xlim stops autoscaling
+        ax.set_xlim(0.0, 1.03 * x_max if x_max > 0 else 1.0)
     handles = [Line2D([], [], color=colours[label], linewidth=2.0, marker="o", markersize=3.5,
                       label=f"{label} (binned mean)") for label in order if label in drawn]
     handles += [Patch(color="0.4", alpha=0.25, label="95% band of the bin mean (bootstrap over its points)"),

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from isdpo.artifacts import RUN_CONFIG, RUN_LOCK, config_hash
 from isdpo.distributed import rank_world
-from isdpo.schema import flatten
+from isdpo.schema import default_of, flatten
 
 # Keys that say where and how a run is written or watched, not what it computes: they may change between
 # a run and its resume.
@@ -53,10 +53,21 @@ def identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    missing = "<absent>"
-    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in keys
-            if old.get(k, missing) != new.get(k, missing)]
+    """``key: old -> new`` of each key that differs. A key the old record lacks is no difference when its new
+    value is the key's schema default: the key was added after that run, and its default keeps what the run did."""
+    changes = []
+    for k in sorted(set(old) | set(new)):
+        if k in old and k in new:
+            if old[k] != new[k]:
+                changes.append(f"{k}: {old[k]!r} -> {new[k]!r}")
+        elif k in new:
+            found, default = default_of(k)
+            if not (found and new[k] == default):
+                note = f" (added after that run; its default is {default!r})" if found else ""
+                changes.append(f"{k}: <absent>{note} -> {new[k]!r}")
+        else:
+            changes.append(f"{k}: {old[k]!r} -> <absent>")
+    return changes
 
 
 def check_identity(out: Path, cfg: Mapping[str, Any], *, resuming: bool, replace: bool = False) -> str:
@@ -70,8 +81,8 @@ def check_identity(out: Path, cfg: Mapping[str, Any], *, resuming: bool, replace
     record = out / RUN_CONFIG
     if record.exists():
         old = json.loads(record.read_text())
-        if old["hash"] != digest and not replace and (resuming or (out / "result.json").exists()):
-            changes = diff(old["config"], ident)
+        changes = [] if old["hash"] == digest or replace else diff(old["config"], ident)
+        if changes and (resuming or (out / "result.json").exists()):
             shown = "\n  ".join(changes[:25]) + (f"\n  ... {len(changes) - 25} more" if len(changes) > 25 else "")
             raise ConfigMismatch(
                 f"{out} holds a run started with another config ({len(changes)} keys differ, old -> new):\n  "

@@ -601,6 +601,25 @@ SCHEMAS: dict[str, type] = {
 }
 
 
+def default_of(path: str) -> tuple[bool, Any]:
+    """(True, default) when the schema gives the dotted config key ``path`` a default (``loss.online`` -> False),
+    else (False, None): what a config written before the key existed meant. In a group with several schemas
+    (task, logger, judge, peft) the schemas that declare the key must agree on it."""
+    schemas, parts = [Config], path.split(".")
+    for i, part in enumerate(parts):
+        fields = [f for s in schemas for f in dataclasses.fields(s) if f.name == part]
+        if not fields:
+            return False, None
+        if i == len(parts) - 1:  # a leaf: a plain default (blocks and dicts have a factory; MISSING is none)
+            values = [f.default for f in fields]
+            if any(v is MISSING or v is dataclasses.MISSING for v in values) or len({repr(v) for v in values}) > 1:
+                return False, None
+            return True, values[0]
+        schemas = [s for f in fields for s in f.metadata.get("schemas", ())]
+        schemas += [f.default_factory for f in fields if dataclasses.is_dataclass(f.default_factory)]
+    return False, None
+
+
 def store(config_store: Any) -> None:
     """Register :data:`SCHEMAS` as ``schema/<name>`` in Hydra's ConfigStore (passed in: no Hydra import here)."""
     for name, node in SCHEMAS.items():

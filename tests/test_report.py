@@ -457,3 +457,27 @@ def test_a_setting_derived_from_the_seed_does_not_split_seeds(tmp_path):
         write_real_run(tmp_path, ["task.data_seed=7", f"seed={seed}"], tag="fixed")
     rows = report.summarise(report.load_sweep(tmp_path))
     assert [(r["task.data_seed"], r["n_seeds"], r["seeds"]) for r in rows] == [("7", 2, "0 1"), ("${seed}", 2, "0 1")]
+
+
+def test_a_key_added_after_older_runs_reads_as_its_default(tmp_path):
+    """A sweep mixing runs of older code (no loss.online in .hydra/config.yaml) with newer runs: the old dpo run
+    reads loss.online as its schema default (false), so the dpo seeds stay one row and the key varies only
+    because of the online run."""
+    old, _ = write_real_run(tmp_path, ["loss=dpo", "seed=0"], tag="")
+    cfg = OmegaConf.load(old / ".hydra" / "config.yaml")
+    del cfg.loss["online"]
+    (old / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert "online" not in OmegaConf.load(old / ".hydra" / "config.yaml").loss
+    write_real_run(tmp_path, ["loss=dpo", "seed=1"], tag="")
+
+    runs = report.load_sweep(tmp_path)
+    assert report.varying_keys(runs) == []
+    assert [(r["loss"], r["n_seeds"], r["seeds"]) for r in report.summarise(runs)] == [("dpo", 2, "0 1")]
+
+    write_real_run(tmp_path, ["loss=online_dpo", "seed=0"], tag="")
+    runs = report.load_sweep(tmp_path)
+    assert "loss.online" in report.varying_keys(runs)
+    assert {(r.loss, r.settings["loss.online"]) for r in runs} == {("dpo", False), ("online_dpo", True)}
+    rows = report.summarise(runs)
+    assert [(r["loss"], r["n_seeds"], r["seeds"]) for r in rows] == [("dpo", 2, "0 1"), ("online_dpo", 1, "0")]
+    assert not [k for k in rows[0] if "." in k]  # loss.online follows the loss name: no column

@@ -323,3 +323,21 @@ def test_comparisons_and_pairs_with_composed_configs(tmp_path):
     rows = [r for r in report.claim_rows(runs) if r["metric"] == "final_win_rate"]
     assert [(r["comparison"], r["n_pairs"], r["n_unpaired"]) for r in rows] == [
         (f"{a} - {b}", 2, 0) for a, b in expected]
+
+
+def test_overoptimization_panels_share_an_x_range_that_holds_every_point(tmp_path):
+    """Every panel of the win-rate-vs-sqrt(KL) figure shows every point: the shared x-range reaches the largest
+    sqrt(KL) of any run, also when a later panel holds it (setting the range per panel froze it at the first
+    panel's data)."""
+    from isdpo.report_plots import plot_overoptimization, series_colours
+
+    for c, kl in ((0, 1.0), (1, 9.0)):
+        for s in (0, 1):
+            write_fake(tmp_path, "dpo", 0.1, s, c, 0.7, kl=kl)
+    runs = [r for r in report.load_sweep(tmp_path) if r.ok]
+    fig = plot_overoptimization(runs, series_colours(runs), "synthetic", per_instance=True)
+    panels = [ax for ax in fig.axes if ax.get_xlabel()]
+    assert len(panels) == 2
+    for ax in panels:
+        low, high = ax.get_xlim()
+        assert low == 0.0 and high >= 3.0  # sqrt(9)

@@ -16,8 +16,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from isdpo.run_guard import CheckpointUnreadable, ConfigMismatch, EXIT_INTERRUPTED, RunFolderBusy, run_folder_lock
+from isdpo.artifacts import RUN_CONFIG, config_hash
+from isdpo.run_guard import CheckpointUnreadable, ConfigMismatch, EXIT_INTERRUPTED, RunFolderBusy, check_identity, \
+    identity, run_folder_lock
 from isdpo.stages import run_stage
+from isdpo.stages.common import plain
 from isdpo.stages.sft import run_sft, sft_micro_batch
 from tests.hydra_utils import ROOT, SMALL, compose_cfg
 
@@ -78,6 +81,29 @@ def test_resume_with_another_config_stops_and_names_the_keys(tmp_path):
     # retraining in place from scratch is allowed when asked for
     fresh = run_stage(_small_align(tmp_path, "beta=0.05", "task.train.resume=false"))
     assert fresh["beta"] == 0.05
+
+
+def test_a_key_added_after_the_run_reads_as_its_default(tmp_path):
+    """A run_config.json written before loss.online existed: resuming with its default is no mismatch (the
+    record then gains the key); another value is one, and the message says the key is new."""
+    out = tmp_path / "run"
+    out.mkdir()
+    old = identity(plain(compose_cfg(SMALL + ["stage=align"], tmp_path)))
+    del old["loss.online"]
+    record = json.dumps({"hash": config_hash(old), "config": old})
+    (out / RUN_CONFIG).write_text(record)
+    with pytest.raises(ConfigMismatch) as err:
+        check_identity(out, plain(compose_cfg(SMALL + ["stage=align", "loss.online=true"], tmp_path)), resuming=True)
+    assert "(1 keys differ" in str(err.value)
+    assert "loss.online: <absent> (added after that run; its default is False) -> True" in str(err.value)
+    assert (out / RUN_CONFIG).read_text() == record  # the record is left as it was
+
+    cfg = plain(compose_cfg(SMALL + ["stage=align"], tmp_path))
+    assert check_identity(out, cfg, resuming=True) == config_hash(identity(cfg))
+    assert json.loads((out / RUN_CONFIG).read_text())["config"]["loss.online"] is False
+    # A key that both configs have and that changed still stops the resume.
+    with pytest.raises(ConfigMismatch, match=r"beta: 0\.1 -> 0\.05"):
+        check_identity(out, plain(compose_cfg(SMALL + ["stage=align", "beta=0.05"], tmp_path)), resuming=True)
 
 
 def test_truncated_checkpoint_says_how_to_recover_and_orphans_are_cleaned(tmp_path):
