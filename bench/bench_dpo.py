@@ -462,7 +462,7 @@ def run_isdpo(spec: RunSpec, bench: Bench, wrap=contextlib.nullcontext) -> dict:
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             examples, _, _ = add_reference_logps(list(examples), reference, pad_id=bench.pad_id, cache_dir=tmp,
-                                                 batch_size=B)
+                                                 batch_size=B, precision="bf16-mixed" if BF16 else None)
         out["precompute_s"] = time.perf_counter() - t
         del reference
         reference = None

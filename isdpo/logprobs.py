@@ -21,7 +21,7 @@ fast one) or a packed, padding-free batch (isdpo.data.batching.PackedPreferenceC
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Sequence
 
 import torch
@@ -229,6 +229,24 @@ def inference(model, device: str | torch.device | None = None):
         model.train(was_training)
 
 
+# Lightning's mixed precisions (and their short aliases): every forward runs under torch.autocast to this dtype.
+# The other precisions ("32-true", "bf16-true", ...) run the forward in the weights' own dtype.
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "16-mixed": torch.float16, "16": torch.float16}
+
+
+def mixed_precision(precision: str | int | None) -> str | None:
+    """``"bf16-mixed"``/``"16-mixed"`` when Lightning's ``precision`` is a mixed one (aliases included), else None."""
+    dtype = AUTOCAST_DTYPES.get(str(precision))
+    return None if dtype is None else ("bf16-mixed" if dtype == torch.bfloat16 else "16-mixed")
+
+
+def precision_context(precision: str | int | None, device_type: str):
+    """The forward context of Lightning's ``precision`` on ``device_type``, as its MixedPrecision plugin opens it
+    (autocast without its weight cache) under a mixed precision; no context otherwise."""
+    dtype = AUTOCAST_DTYPES.get(str(precision))
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
 def sampling_warpers(temperature: float = 1.0, top_p: float = 1.0) -> Callable[[Tensor], Tensor] | None:
     """The logits warpers of ``generate(do_sample=True, temperature, top_p, top_k=0)``, as one function
     (None when they change nothing): the log-probs of the distribution responses were sampled from."""
@@ -247,17 +265,19 @@ def sampling_warpers(temperature: float = 1.0, top_p: float = 1.0) -> Callable[[
 
 def response_logps(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
                    batch_size: int = 256, temperature: float = 1.0, top_p: float = 1.0,
-                   sort_by_length: bool = False, device: str | torch.device | None = None) -> Tensor:
+                   sort_by_length: bool = False, device: str | torch.device | None = None,
+                   precision: str | int | None = None) -> Tensor:
     """log p(y|x) [N] (float32, CPU) of token-id (prompt, response) pairs under a frozen ``model``, in batches.
 
     With ``temperature``/``top_p`` p is the model's sampling distribution under those warpers (behaviour
     log-probs). ``sort_by_length`` batches rows of similar length (less padding; results in input order).
+    ``precision``: Lightning's, the forward runs as training's does (:func:`precision_context`); None: as it is.
     """
     order = (sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i])) if sort_by_length
              else list(range(len(prompts))))
     warp = sampling_warpers(temperature, top_p)
     out = torch.empty(len(order))
-    with inference(model, device) as dev:
+    with inference(model, device) as dev, precision_context(precision, dev.type):
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             b = pad_sequences([prompts[i] for i in idx], [responses[i] for i in idx], pad_id)

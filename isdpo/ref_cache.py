@@ -9,6 +9,8 @@ so one no-grad pass before training replaces a reference forward at every step o
   retrained reference never reuses stale numbers, whatever its path;
 - the tokenizer's identity and the length settings;
 - the DATA: every pair's prompt/chosen/rejected token ids, in order;
+- the training precision when it is a mixed one (the pass runs under the same autocast as the policy's
+  forward, so at step 0, policy == reference, log w = 0 up to rounding); float32's key has no entry for it;
 
 so all the jobs of a sweep (losses x betas x seeds) share one pass (with several data-parallel
 ranks, rank 0 computes it and the others wait for the entry: isdpo.artifacts). Each example then carries
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from isdpo.artifacts import cached_dir
-from isdpo.logprobs import response_logps
+from isdpo.logprobs import mixed_precision, response_logps
 
 
 def weights_fingerprint(model) -> str:
@@ -55,12 +57,14 @@ def data_fingerprint(examples: Sequence[Mapping[str, Any]]) -> str:
 
 
 def compute_reference_logps(reference, examples: Sequence[Mapping[str, Any]], *, pad_id: int,
-                            batch_size: int = 32, device: str | torch.device | None = "auto") -> torch.Tensor:
-    """[N, 2] float32: log pi_ref(chosen|x), log pi_ref(rejected|x), rows sorted by length into batches."""
+                            batch_size: int = 32, device: str | torch.device | None = "auto",
+                            precision: str | int | None = None) -> torch.Tensor:
+    """[N, 2] float32: log pi_ref(chosen|x), log pi_ref(rejected|x), rows sorted by length into batches, the
+    forward under Lightning's ``precision`` (hardware.precision) as in training."""
     prompts = [e["prompt_ids"] for e in examples] * 2
     responses = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     out = response_logps(reference, prompts, responses, pad_id=pad_id, batch_size=batch_size, sort_by_length=True,
-                         device=device)
+                         device=device, precision=precision)
     n = len(examples)
     return torch.stack([out[:n], out[n:]], dim=1)
 
@@ -75,14 +79,19 @@ def add_reference_logps(
     lengths: Mapping[str, Any] | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = "auto",
+    precision: str | int | None = None,
 ) -> tuple[list[dict], Path, bool]:
-    """Copies of ``examples`` with ``chosen_ref_logp``/``rejected_ref_logp``; ``(examples, entry, hit)``."""
+    """Copies of ``examples`` with ``chosen_ref_logp``/``rejected_ref_logp``; ``(examples, entry, hit)``.
+    ``precision``: the training's (hardware.precision); None = float32."""
     key = {"weights": weights_fingerprint(reference), "data": data_fingerprint(examples), "n": len(examples),
            "tokenizer": tokenizer_key, "lengths": dict(lengths or {})}
+    mixed = mixed_precision(precision)
+    if mixed is not None:  # only then: float32's entries keep the key they had before precision was in it
+        key["precision"] = mixed
 
     def build(tmp: Path) -> None:
-        torch.save(compute_reference_logps(reference, examples, pad_id=pad_id, batch_size=batch_size, device=device),
-                   tmp / "ref_logps.pt")
+        torch.save(compute_reference_logps(reference, examples, pad_id=pad_id, batch_size=batch_size, device=device,
+                                           precision=mixed), tmp / "ref_logps.pt")
 
     path, hit = cached_dir(cache_dir, "ref_logps", key, build)
     logps = torch.load(path / "ref_logps.pt")

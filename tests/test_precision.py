@@ -131,6 +131,9 @@ def test_align_and_sft_train_under_bf16_mixed(tmp_path):
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
     assert rows[-1]["loss"] != rows[0]["loss"]  # it trained
+    # the pairs' reference log-probs were precomputed under the training precision (align passes it down)
+    keys = [json.loads(f.read_text())["key"] for f in Path(cfg.paths.cache_dir).glob("ref_logps/*/key.json")]
+    assert [k.get("precision") for k in keys] == ["bf16-mixed"]
 
 
 def test_golden_rm_trains_under_bf16_mixed(tmp_path):
@@ -141,26 +144,51 @@ def test_golden_rm_trains_under_bf16_mixed(tmp_path):
     assert meta["steps"] > 1 and math.isfinite(meta["val_loss"]) and 0.0 <= meta["val_accuracy"] <= 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="known: reference log-probs precomputed before training (isdpo.ref_cache, "
-                   "task.train.precompute_ref_logps) run in float32, the policy's under bf16 autocast, so at step 0 "
-                   "log w != 0 (0.003 here, ~0.2 per pair on SmolLM2-135M). The precompute pass should run "
-                   "under the training precision (and key its cache entry by it).")
-def test_precomputed_reference_matches_the_bf16_policy_at_step_0(tiny_lm):
-    from isdpo.ref_cache import compute_reference_logps
-
+def step0_examples(n: int = 16) -> list[dict]:
     rng = random.Random(2)
-    examples = [{"prompt_ids": [1] + [rng.randrange(2, 23) for _ in range(6)],
-                 "chosen_ids": [rng.randrange(2, 23) for _ in range(10)],
-                 "rejected_ids": [rng.randrange(2, 23) for _ in range(12)]} for _ in range(16)]
+    return [{"prompt_ids": [1] + [rng.randrange(2, 23) for _ in range(6)],
+             "chosen_ids": [rng.randrange(2, 23) for _ in range(10)],
+             "rejected_ids": [rng.randrange(2, 23) for _ in range(12)]} for _ in range(n)]
+
+
+def test_precomputed_reference_matches_the_bf16_policy_at_step_0(tiny_lm, tmp_path):
+    """The precompute pass (task.train.precompute_ref_logps) runs under the training precision: at step 0 the
+    policy is the reference, so log w = 0 exactly up to batch-composition rounding (in float32 it was 0.003 off)."""
+    from isdpo.ref_cache import add_reference_logps
+
     reference = freeze(copy.deepcopy(tiny_lm))
-    ref = compute_reference_logps(reference, examples, pad_id=0, device=None)  # as the precompute pass runs
-    batch = PreferenceCollator(0)([{**e, "chosen_ref_logp": float(c), "rejected_ref_logp": float(r)}
-                                   for e, (c, r) in zip(examples, ref.tolist())])
+    examples, _, _ = add_reference_logps(step0_examples(), reference, pad_id=0, cache_dir=tmp_path, device=None,
+                                         precision="bf16-mixed")
     module = PreferenceModule(tiny_lm.train(), None, build_loss("dpo", 0.1, {}, {"enabled": True}), lr=1e-3)
     with torch.no_grad(), bf16():
-        lp = module.pair_logps(batch)  # the policy is the reference: step 0
+        lp = module.pair_logps(PreferenceCollator(0)(examples))  # the policy is the reference: step 0
     log_w = (lp.policy_chosen - lp.ref_chosen) + (lp.policy_rejected - lp.ref_rejected)
     assert log_w.abs().max().item() < 1e-4
+
+
+def test_precomputed_reference_cache_is_keyed_by_precision(tiny_lm, tmp_path):
+    """A float32 entry is never reused for a bf16-mixed run, nor the reverse; "32" and "32-true" (and the
+    default) share the float32 entry, whose key has no precision (entries made before the key had one)."""
+    from isdpo.ref_cache import add_reference_logps
+
+    reference = freeze(copy.deepcopy(tiny_lm))
+
+    def run(**kw):
+        out, path, hit = add_reference_logps(step0_examples(), reference, pad_id=0, cache_dir=tmp_path, device=None,
+                                             **kw)
+        return [e["chosen_ref_logp"] for e in out], path, hit
+
+    f32, f32_path, hit = run(precision="32-true")
+    assert not hit and "precision" not in json.loads((f32_path / "key.json").read_text())["key"]
+    b16, b16_path, hit = run(precision="bf16-mixed")
+    assert not hit and b16_path != f32_path  # recomputed, not the float32 numbers
+    assert json.loads((b16_path / "key.json").read_text())["key"]["precision"] == "bf16-mixed"
+    assert b16 != f32 and max(abs(a - b) for a, b in zip(b16, f32)) < LOGP_TOL
+    assert run(precision="bf16") == (b16, b16_path, True)  # Lightning's alias of bf16-mixed
+    for kw in ({"precision": "32"}, {"precision": 32}, {}):
+        assert run(**kw) == (f32, f32_path, True)
+    f16, f16_path, hit = run(precision="16-mixed")
+    assert not hit and f16_path not in (f32_path, b16_path)
 
 
 def test_bf16_mixed_clips_gradients_with_the_fused_adamw(tiny_lm, pairs_batch, tmp_path, monkeypatch):

@@ -54,7 +54,8 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
     reference = load_reference(cfg, task, ref_dir)
     loss_fn = build_loss(cfg.loss.base, cfg.beta, plain(cfg.loss.params), plain(cfg.loss.importance_sampling))
     with TIMER.phase("preferences"):
-        pairs = task.preference_examples(reference, ref_dir)
+        # The precomputed reference log-probs under the training precision: at step 0 they equal the policy's.
+        pairs = task.preference_examples(reference, ref_dir, cfg.hardware.precision)
     with TIMER.phase("evaluation"):
         evaluator = task.evaluator(reference, cfg.task.eval)
         held_out = PairEvaluator(task.eval_pairs(reference, cfg.task.eval), pad_id=task.pad_id,

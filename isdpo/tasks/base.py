@@ -34,9 +34,10 @@ class Task(Protocol):
     def sft_examples(self) -> list[dict]:
         """``{"prompt_ids", "response_ids"}`` examples of the SFT set."""
 
-    def preference_examples(self, reference, reference_dir: Path | None) -> list[dict]:
+    def preference_examples(self, reference, reference_dir: Path | None, precision: str | None = None) -> list[dict]:
         """``{"prompt_ids", "chosen_ids", "rejected_ids"[, *_ref_logp, *_behavior_logp]}`` pairs;
-        ``reference_dir`` is None when the reference is ``model.pretrained``."""
+        ``reference_dir`` is None when the reference is ``model.pretrained``; ``precision`` (hardware.precision):
+        the precomputed reference log-probs' (isdpo.ref_cache.add_reference_logps), None = float32."""
 
     def eval_pairs(self, reference, eval_cfg: Mapping[str, Any]) -> list[dict]:
         """``eval_cfg.n_pairs`` held-out pairs (as ``preference_examples``) for the pair metrics; [] = none."""

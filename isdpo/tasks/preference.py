@@ -140,7 +140,7 @@ class PreferenceRuntime:
 
     # -- preference pairs --------------------------------------------------------------------
 
-    def preference_examples(self, reference, reference_dir: Path | None) -> list[dict]:
+    def preference_examples(self, reference, reference_dir: Path | None, precision: str | None = None) -> list[dict]:
         tr = self.cfg["train"]
         pairs, counts, rendered = self._load()["train"]
         pairs = subsample(pairs, tr.get("max_pairs"), 0)
@@ -157,7 +157,7 @@ class PreferenceRuntime:
             examples, _, _ = add_reference_logps(
                 examples, reference, pad_id=self.pad_id, cache_dir=self.cache_dir,
                 tokenizer_key=tokenizer_source(self.model_cfg), lengths=self.lengths,
-                batch_size=int(tr["ref_logps_batch_size"]))
+                batch_size=int(tr["ref_logps_batch_size"]), precision=precision)
         return examples
 
     def eval_pairs(self, reference, eval_cfg: Mapping[str, Any]) -> list[dict]:

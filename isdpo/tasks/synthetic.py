@@ -56,7 +56,7 @@ class SyntheticRuntime:
     def score(self, prompts, responses) -> torch.Tensor:
         return self.task.golden_reward(torch.as_tensor(prompts), torch.as_tensor(responses))
 
-    def preference_examples(self, reference, reference_dir: Path) -> list[dict]:
+    def preference_examples(self, reference, reference_dir: Path, precision: str | None = None) -> list[dict]:
         """Pairs of reference samples labelled by Bradley-Terry on the golden reward (cached; with several
         data-parallel ranks, rank 0 samples them and the others wait for the entry), with the reference's
         log-probs of both responses when ``task.train.precompute_ref_logps`` (cached too: isdpo.ref_cache)."""
@@ -81,7 +81,8 @@ class SyntheticRuntime:
         if tr.get("precompute_ref_logps") and reference is not None:
             # One reference pass for all the runs of a sweep on these pairs, instead of a reference forward per step.
             pairs, _, _ = add_reference_logps(pairs, reference, pad_id=self.pad_id, cache_dir=self.cache_dir,
-                                              batch_size=int(tr.get("ref_logps_batch_size", 1000)))
+                                              batch_size=int(tr.get("ref_logps_batch_size", 1000)),
+                                              precision=precision)
         return pairs
 
     def eval_pairs(self, reference, eval_cfg: Mapping[str, Any]) -> list[dict]:

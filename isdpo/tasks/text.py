@@ -129,7 +129,7 @@ class TextRuntime:
         print(f"[isdpo] training on the golden-RM-labelled pairs of {f}")
         return rows, {}
 
-    def preference_examples(self, reference, reference_dir: Path) -> list[dict]:
+    def preference_examples(self, reference, reference_dir: Path, precision: str | None = None) -> list[dict]:
         c, tr = self.cfg, self.cfg["train"]
         if tr["preferences"] == "relabelled":
             pairs, counts = self._relabelled_pairs(Path(reference_dir))
@@ -144,7 +144,7 @@ class TextRuntime:
             examples, _, _ = add_reference_logps(
                 examples, reference, pad_id=self.pad_id, cache_dir=self.cache_dir,
                 tokenizer_key=tokenizer_source(self.model_cfg), lengths=self.lengths,
-                batch_size=int(tr.get("ref_logps_batch_size", 32)))
+                batch_size=int(tr.get("ref_logps_batch_size", 32)), precision=precision)
         return examples
 
     def _check_steps(self, n: int) -> None:
