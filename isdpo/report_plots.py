@@ -109,7 +109,8 @@ def figure_size(n_cols: int, n_rows: int = 1) -> tuple[float, float]:
 
 
 def figure_pixels(n_cols: int, n_rows: int = 1) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG ``save_figure`` writes for ``n_rows`` x ``n_cols`` panels."""
+    """(width, height) in pixels of the panels of a PNG ``save_figure`` writes for ``n_rows`` x ``n_cols`` panels
+    (the legend below adds its own height)."""
     w, h = figure_size(n_cols, n_rows)
     return round(w * DPI), round(h * DPI)
 
@@ -120,7 +121,7 @@ def svg_path(png: Path) -> Path:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG at ``DPI`` (no tight bounding box, so the size is ``figure_pixels``) and as SVG beside
+    """Write ``fig`` as PNG at ``DPI`` (no tight bounding box: ``figure_pixels`` plus the legend's height) and as SVG beside
     it (``svg_path``; scatter points are rasterized in it), close it and return the PNG's path."""
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,6 +214,8 @@ def _finish(fig: Figure, handles: list, title: str, n_cols: int) -> Figure:
         if ncols == 1 or legend.get_window_extent(renderer).width <= fig.bbox.width:
             break
         legend.remove()
+    # A long legend under few panels (many methods, one beta) would take the panels' height: the figure grows by it.
+    fig.set_figheight(fig.get_figheight() + legend.get_window_extent(renderer).height / fig.dpi)
     fig.suptitle(title, fontsize="large")
     return fig
 

@@ -341,3 +341,18 @@ def test_overoptimization_panels_share_an_x_range_that_holds_every_point(tmp_pat
     for ax in panels:
         low, high = ax.get_xlim()
         assert low == 0.0 and high >= 3.0  # sqrt(9)
+
+
+def test_a_long_legend_does_not_squash_the_panels(tmp_path):
+    """Eight methods under one beta panel: the legend goes below and the figure grows by its height, so the panel
+    keeps most of a panel's height (before, the legend took it and the panel was a thin strip)."""
+    from isdpo.report_plots import FIG_HEIGHT_IN, plot_overoptimization, series_colours
+
+    for loss in TRAITS:
+        write_fake(tmp_path, loss, 0.01, 0, 0, 0.7)
+    runs = [r for r in report.load_sweep(tmp_path) if r.ok]
+    assert len({r.loss for r in runs}) >= 5
+    fig = plot_overoptimization(runs, series_colours(runs), "synthetic")
+    fig.canvas.draw()
+    (ax,) = [a for a in fig.axes if a.get_xlabel()]
+    assert ax.get_window_extent().height / fig.dpi >= 0.5 * FIG_HEIGHT_IN
