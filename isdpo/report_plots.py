@@ -35,7 +35,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 #: Known losses in a fixed order (tables and legends) with fixed colours: a base loss
 #: and its importance-sampled variant get contrasting colours so the pair reads at a glance.
@@ -403,23 +402,23 @@ def plot_win_rate_vs_beta(runs, colours: dict[str, str], task: str = "", show_se
     return _finish(fig, handles, f"Final and peak win rate against β (95% intervals){_task(task)}", 2)
 
 
-#: The importance-weight diagnostics of the held-out pairs (metrics.jsonl key, axis label, log scale).
-IS_DIAGNOSTICS = (("is/ess_frac", "ESS / n", False), ("is/frac_clipped", "fraction of pairs clipped", False),
-                  ("is/weight_max", "largest weight (after clipping)", True))
+#: The importance-weight diagnostics of the held-out pairs (metrics.jsonl key, axis label).
+IS_DIAGNOSTICS = (("is/ess_frac", "ESS / n"), ("is/frac_clipped", "fraction of pairs clipped"),
+                  ("is/weight_max", "largest weight (after clipping)"))
 
 
 def plot_is_diagnostics(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True,
                         per_instance: bool = False) -> Figure | None:
     """``IS_DIAGNOSTICS`` against training step (rows) per beta (columns): mean and 95% band per series, for
     the series whose runs log them; None when no run does."""
-    runs = [r for r in runs if any(key in row for row in r.metrics for key, _, _ in IS_DIAGNOSTICS)]
+    runs = [r for r in runs if any(key in row for row in r.metrics for key, _ in IS_DIAGNOSTICS)]
     if not runs:
         return None
     betas, order = sorted({r.beta for r in runs}), series_order(runs)
     fig, axes = _grid(len(IS_DIAGNOSTICS), len(betas), sharex=True, sharey="row")
     grouped = _by_beta_and_series(runs)
     drawn: list[str] = []
-    for i, (key, ylabel, log_y) in enumerate(IS_DIAGNOSTICS):
+    for i, (key, ylabel) in enumerate(IS_DIAGNOSTICS):
         for j, beta in enumerate(betas):
             ax, per_series = axes[i][j], grouped.get(beta, {})
             for label in [s for s in order if s in per_series]:
@@ -429,10 +428,6 @@ def plot_is_diagnostics(runs, colours: dict[str, str], task: str = "", show_seed
                 ax.fill_between(steps, low, high, color=colours[label], alpha=0.18, linewidth=0, label="_band")
                 ax.plot(steps, mean, color=colours[label], linewidth=1.8, label=label)
                 drawn += [label] if label not in drawn else []
-            if log_y:
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(ScalarFormatter())
-                ax.yaxis.set_minor_formatter(NullFormatter())
             _panel_title(ax, beta, "", per_series, order)
             _style(ax, "training step", f"{ylabel}  ({key})")
     handles = [Line2D([], [], color=colours[label], linewidth=1.8, label=f"{label} (mean over seeds)")
