@@ -107,20 +107,13 @@ def figure_size(n_cols: int, n_rows: int = 1) -> tuple[float, float]:
     return PANEL_WIDTH_IN * max(n_cols, 1), FIG_HEIGHT_IN * max(n_rows, 1)
 
 
-def figure_pixels(n_cols: int, n_rows: int = 1) -> tuple[int, int]:
-    """(width, height) in pixels of the panels of a PNG ``save_figure`` writes for ``n_rows`` x ``n_cols`` panels
-    (the legend below adds its own height)."""
-    w, h = figure_size(n_cols, n_rows)
-    return round(w * DPI), round(h * DPI)
-
-
 def svg_path(png: Path) -> Path:
     """The SVG written beside a figure's PNG."""
     return Path(png).with_suffix(".svg")
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG at ``DPI`` (no tight bounding box: ``figure_pixels`` plus the legend's height) and as SVG beside
+    """Write ``fig`` as PNG at ``DPI`` (no tight bounding box: ``figure_size`` at ``DPI`` plus the legend's height) and as SVG beside
     it (``svg_path``; scatter points are rasterized in it), close it and return the PNG's path."""
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)

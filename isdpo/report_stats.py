@@ -163,10 +163,6 @@ def default_bins(n_points: int, most: int = 10, per_bin: int = 4) -> int:
     return max(1, min(most, n_points // per_bin))
 
 
-def format_signed(value: float, fmt: str) -> str:
-    return "n/a" if math.isnan(value) else f"{value:+{fmt}}"
-
-
 def format_interval(interval: Interval, fmt: str = ".3f", signed: bool = False) -> str:
     """"0.612 [0.598, 0.627]" (``signed``: "+0.112 [+0.071, +0.150]"); "0.612 [n/a]" without an interval."""
     def num(v: float) -> str:
