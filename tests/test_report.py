@@ -13,7 +13,13 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from isdpo import report, report_plots, report_stats
+from isdpo.report import __main__ as report_cli
+from isdpo.report import build as report_build
+from isdpo.report import plots as report_plots
+from isdpo.report import runs as report_runs
+from isdpo.report import stats as report_stats
+from isdpo.report import tables as report_tables
+from isdpo.report import wandb as report_wandb
 from tests.hydra_utils import compose_cfg
 
 LOSSES, BETAS, SEEDS = ("dpo", "isdpo"), (0.01, 0.1), (0, 1)
@@ -85,7 +91,7 @@ def sweep(tmp_path_factory):
 def built(sweep, tmp_path_factory):
     """The full report of ``sweep`` (figures included), built once: its output folder."""
     out = tmp_path_factory.mktemp("report")
-    report.build_report(sweep, out, log=lambda msg: None)
+    report_build.build_report(sweep, out, log=lambda msg: None)
     return out
 
 
@@ -105,7 +111,7 @@ QUANTITIES = {
 
 
 def test_discovery_and_classification(sweep):
-    runs = {r.name: r for r in report.load_sweep(sweep)}
+    runs = {r.name: r for r in report_runs.load_sweep(sweep)}
     assert len(runs) == 10  # 8 completed + incomplete + crashed; multirun.yaml and .hydra are not runs
     assert sum(r.ok for r in runs.values()) == 8
     incomplete = runs["beta=0.1,loss=dpo,seed=2"]
@@ -121,7 +127,7 @@ def test_discovery_and_classification(sweep):
 def test_table_numbers_equal_result_files(sweep, built):
     out = built
     md = (out / "report.md").read_text()
-    rows = {(r["loss"], r["beta"]): r for r in report.summarise(report.load_sweep(sweep))}
+    rows = {(r["loss"], r["beta"]): r for r in report_tables.summarise(report_runs.load_sweep(sweep))}
     assert set(rows) == {(loss, beta) for loss in LOSSES for beta in BETAS}
     with open(out / "summary.csv") as f:
         csv_rows = {(r["loss"], float(r["beta"])): r for r in csv.DictReader(f)}
@@ -180,7 +186,7 @@ def test_other_failures_are_listed_with_their_reason(tmp_path):
     old = time.time() - 100
     os.utime(job(root, "dpo", 0.1, 0) / "result.json", (old, old))
 
-    runs = {r.name: r for r in report.load_sweep(root)}
+    runs = {r.name: r for r in report_runs.load_sweep(root)}
     assert runs["beta=0.1,loss=dpo,seed=1"].status == "failed"
     assert runs["beta=0.1,loss=dpo,seed=1"].reason.startswith("status = 'failed'")
     assert runs["beta=0.1,loss=dpo,seed=2"].reason.startswith("empty metrics")
@@ -189,7 +195,7 @@ def test_other_failures_are_listed_with_their_reason(tmp_path):
     assert len(runs["beta=0.1,loss=isdpo,seed=0"].metrics) == len(STEPS)
     assert runs["beta=0.1,loss=dpo,seed=0"].status == "duplicate"
     assert runs["rerun/again"].ok
-    md = report.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
+    md = report_build.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
     for name in ("beta=0.1,loss=dpo,seed=1", "beta=0.1,loss=dpo,seed=2", "beta=0.1,loss=dpo,seed=3",
                  "beta=0.1,loss=isdpo,seed=0", "beta=0.1,loss=dpo,seed=0"):
         assert f"`{name}`" in md.split("## Incomplete and failed runs")[1]
@@ -198,7 +204,7 @@ def test_other_failures_are_listed_with_their_reason(tmp_path):
 
 @pytest.mark.parametrize("show_seeds", [True, False])
 def test_figures_panels_lines_and_colours(sweep, show_seeds):
-    runs = [r for r in report.load_sweep(sweep) if r.ok]
+    runs = [r for r in report_runs.load_sweep(sweep) if r.ok]
     colours = report_plots.loss_colours(LOSSES)
     per_loss_lines = 1 + (len(SEEDS) if show_seeds else 0)  # the seed mean, plus one thin line per seed
     # The against-step figures (the over-optimization figure has its own test: points and bins, not seed lines).
@@ -225,7 +231,7 @@ def test_figures_panels_lines_and_colours(sweep, show_seeds):
 
 def test_overoptimization_points_and_bins(sweep):
     """All evaluation points are drawn; the line is the mean win rate of equal-count bins of sqrt KL."""
-    runs = [r for r in report.load_sweep(sweep) if r.ok]
+    runs = [r for r in report_runs.load_sweep(sweep) if r.ok]
     colours = report_plots.loss_colours(LOSSES)
     fig = report_plots.plot_overoptimization(runs, colours, task="synthetic")
     assert len(fig.axes) == len(BETAS)
@@ -248,7 +254,7 @@ def test_overoptimization_points_and_bins(sweep):
 
 
 def test_seed_mean_is_the_mean_at_each_step(sweep):
-    runs = [r for r in report.load_sweep(sweep) if r.ok and r.loss == "dpo" and r.beta == 0.01]
+    runs = [r for r in report_runs.load_sweep(sweep) if r.ok and r.loss == "dpo" and r.beta == 0.01]
     fig = report_plots.plot_win_rate_vs_step(runs, report_plots.loss_colours(["dpo"]), show_seeds=True)
     mean_line = next(line for line in fig.axes[0].lines if line.get_label() == "dpo")
     per_seed = np.array([[r["win_rate"] for r in metrics_rows("dpo", 0.01, s)] for s in SEEDS])
@@ -282,15 +288,15 @@ def test_pngs_embedded_and_sized(built):
 def test_cli_default_out_inside_sweep_is_not_a_run(sweep, tmp_path, capsys):
     root = tmp_path / "copy"
     shutil.copytree(sweep, root)
-    assert report.main([str(root), "--no-figures"]) == 0
+    assert report_cli.main([str(root), "--no-figures"]) == 0
     assert f"wrote {root / 'report' / 'report.md'}" in capsys.readouterr().out
-    assert report.main([str(root), "--no-figures"]) == 0  # again: the report folder is not discovered as a run
+    assert report_cli.main([str(root), "--no-figures"]) == 0  # again: the report folder is not discovered as a run
     assert "10 found" in (root / "report" / "report.md").read_text()
-    assert len(report.discover(root)) == 10
+    assert len(report_runs.discover(root)) == 10
 
 
 def test_empty_directory_is_an_error(tmp_path, capsys):
-    assert report.main([str(tmp_path)]) == 2
+    assert report_cli.main([str(tmp_path)]) == 2
     assert "no runs" in capsys.readouterr().err
 
 
@@ -305,7 +311,7 @@ def test_wandb_failure_is_reported_not_fatal(sweep, tmp_path, monkeypatch, capsy
         raise RuntimeError("No API key configured")
 
     fake_wandb(monkeypatch, api)
-    assert report.main([str(sweep), "--out", str(tmp_path / "rep"), "--wandb-project", "me/proj",
+    assert report_cli.main([str(sweep), "--out", str(tmp_path / "rep"), "--wandb-project", "me/proj",
                         "--no-figures"]) == 0
     assert "could not fetch" in capsys.readouterr().out.lower()
     md = (tmp_path / "rep" / "report.md").read_text()
@@ -318,7 +324,7 @@ def test_wandb_hang_times_out(monkeypatch):
         time.sleep(5)
 
     fake_wandb(monkeypatch, api)
-    rows, error = report.fetch_wandb("me/proj", timeout_s=0.2)
+    rows, error = report_wandb.fetch_wandb("me/proj", timeout_s=0.2)
     assert rows == [] and "no answer" in error
 
 
@@ -328,10 +334,10 @@ def test_wandb_summaries(monkeypatch):
                                         "seed": 0},
                                 summary_metrics={"eval/win_rate": 0.75, "eval/kl": 1.5}, url="https://x")
     fake_wandb(monkeypatch, lambda timeout=None: types.SimpleNamespace(runs=lambda project: [run]))
-    rows, error = report.fetch_wandb("me/proj")
+    rows, error = report_wandb.fetch_wandb("me/proj")
     assert error is None
     assert rows[0]["loss"] == "dpo" and rows[0]["win_rate"] == 0.75 and rows[0]["task"] == "synthetic"
-    md = report.wandb_markdown("me/proj", rows, error)
+    md = report_wandb.wandb_markdown("me/proj", rows, error)
     assert "| dpo-b0.1-s0 | finished | align | synthetic | dpo | 0.1 | 0 | 0.750 | 1.5 |" in md
 
 
@@ -381,9 +387,9 @@ def clip_sweep(tmp_path_factory):
 
 def test_runs_differing_in_a_swept_setting_are_not_merged(clip_sweep, tmp_path):
     root, results = clip_sweep
-    runs = report.load_sweep(root)
+    runs = report_runs.load_sweep(root)
     assert [r.status for r in runs] == ["completed"] * 4  # same loss/beta/seed is not a duplicate: log_clip differs
-    rows = report.summarise(runs)
+    rows = report_tables.summarise(runs)
     assert [(r["loss"], r["beta"], r[CLIP_KEY], r["n_seeds"], r["seeds"]) for r in rows] == \
         [("isdpo", 0.1, "0.5", 2, "0 1"), ("isdpo", 0.1, "null", 2, "0 1")]
     for row, clip in zip(rows, CLIPS):
@@ -395,7 +401,7 @@ def test_runs_differing_in_a_swept_setting_are_not_merged(clip_sweep, tmp_path):
     assert [k for k in rows[0] if "." in k] == [CLIP_KEY]
 
     out = tmp_path / "rep"
-    md = report.build_report(root, out, figures=False, log=lambda msg: None).read_text()
+    md = report_build.build_report(root, out, figures=False, log=lambda msg: None).read_text()
     table = md.split("## Incomplete")[0].replace("**", "")  # bold marks the best final win rate
     assert f"| `{CLIP_KEY}` |" in table and "Columns in `code` are the settings" in table
     for row, clip in zip(rows, CLIPS):
@@ -429,13 +435,13 @@ def test_duplicates_and_runs_without_config_are_said(clip_sweep, tmp_path):
     bare, _ = write_real_run(root / "bare", [f"{CLIP_KEY}=null", "seed=1"], tag="bare")
     shutil.rmtree(bare / ".hydra")
 
-    runs = {r.name: r for r in report.load_sweep(root)}
+    runs = {r.name: r for r in report_runs.load_sweep(root)}
     older = runs[f"{CLIP_KEY}=0.5,seed=0"]
     assert older.status == "duplicate" and "again/" in older.reason
-    rows = report.summarise(list(runs.values()))
+    rows = report_tables.summarise(list(runs.values()))
     assert [(r[CLIP_KEY], r["n_seeds"], r["seeds"]) for r in rows] == [("0.5", 2, "0 1"), ("null", 2, "0 1"),
                                                                        ("?", 1, "1")]
-    md = report.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
+    md = report_build.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
     failed = md.split("## Incomplete and failed runs")[1]
     assert f"`{CLIP_KEY}=0.5,seed=0`" in failed and "duplicate" in failed
     bare_name = bare.relative_to(root)
@@ -446,7 +452,7 @@ def test_loss_sweep_with_real_configs_adds_no_column(tmp_path):
     """loss=dpo,isdpo: the loss's own settings (importance_sampling.enabled ...) follow the loss name, no column."""
     for loss in LOSSES:
         write_real_run(tmp_path, [f"loss={loss}", "seed=0"], tag="")
-    rows = report.summarise(report.load_sweep(tmp_path))
+    rows = report_tables.summarise(report_runs.load_sweep(tmp_path))
     assert [(r["loss"], r["n_seeds"]) for r in rows] == [("dpo", 1), ("isdpo", 1)]
     assert not [k for k in rows[0] if "." in k]
 
@@ -456,7 +462,7 @@ def test_a_setting_derived_from_the_seed_does_not_split_seeds(tmp_path):
     for seed in SEEDS:
         write_real_run(tmp_path, [f"seed={seed}"], tag="")
         write_real_run(tmp_path, ["task.data_seed=7", f"seed={seed}"], tag="fixed")
-    rows = report.summarise(report.load_sweep(tmp_path))
+    rows = report_tables.summarise(report_runs.load_sweep(tmp_path))
     assert [(r["task.data_seed"], r["n_seeds"], r["seeds"]) for r in rows] == [("7", 2, "0 1"), ("${seed}", 2, "0 1")]
 
 
@@ -471,14 +477,14 @@ def test_a_key_added_after_older_runs_reads_as_its_default(tmp_path):
     assert "online" not in OmegaConf.load(old / ".hydra" / "config.yaml").loss
     write_real_run(tmp_path, ["loss=dpo", "seed=1"], tag="")
 
-    runs = report.load_sweep(tmp_path)
-    assert report.varying_keys(runs) == []
-    assert [(r["loss"], r["n_seeds"], r["seeds"]) for r in report.summarise(runs)] == [("dpo", 2, "0 1")]
+    runs = report_runs.load_sweep(tmp_path)
+    assert report_runs.varying_keys(runs) == []
+    assert [(r["loss"], r["n_seeds"], r["seeds"]) for r in report_tables.summarise(runs)] == [("dpo", 2, "0 1")]
 
     write_real_run(tmp_path, ["loss=online_dpo", "seed=0"], tag="")
-    runs = report.load_sweep(tmp_path)
-    assert "loss.online" in report.varying_keys(runs)
+    runs = report_runs.load_sweep(tmp_path)
+    assert "loss.online" in report_runs.varying_keys(runs)
     assert {(r.loss, r.settings["loss.online"]) for r in runs} == {("dpo", False), ("online_dpo", True)}
-    rows = report.summarise(runs)
+    rows = report_tables.summarise(runs)
     assert [(r["loss"], r["n_seeds"], r["seeds"]) for r in rows] == [("dpo", 2, "0 1"), ("online_dpo", 1, "0")]
     assert not [k for k in rows[0] if "." in k]  # loss.online follows the loss name: no column

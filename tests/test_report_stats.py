@@ -8,8 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from isdpo import report, report_stats
-from isdpo.report_stats import bootstrap_interval, stratified_interval
+from isdpo.report import __main__ as report_cli
+from isdpo.report import build as report_build
+from isdpo.report import claims as report_claims
+from isdpo.report import runs as report_runs
+from isdpo.report import stats as report_stats
+from isdpo.report import tables as report_tables
+from isdpo.report.stats import bootstrap_interval, stratified_interval
 from tests.hydra_utils import CONF
 from tests.test_report import write_real_run
 
@@ -112,8 +117,8 @@ def test_stratified_interval_on_two_instances_equals_enumeration():
     assert not stratified_interval([[0.0, 1.0], [2.0]]).defined
 
 
-def test_pair_up_counts_unpaired_and_nan():
-    diffs, only_a, only_b = report_stats.pair_up({0: 0.6, 1: 0.7, 2: 0.8, 3: float("nan")},
+def test_paired_differences_counts_unpaired_and_nan():
+    diffs, only_a, only_b = report_stats.paired_differences({0: 0.6, 1: 0.7, 2: 0.8, 3: float("nan")},
                                                  {0: 0.5, 1: 0.5, 4: 0.1, 3: 0.2})
     assert diffs == pytest.approx({0: 0.1, 1: 0.2}) and only_a == [2] and only_b == [4, 3]
 
@@ -152,8 +157,8 @@ def claim_of(rows, comparison, metric, instance):
 
 
 def test_paired_difference_exact_shift_excludes_zero(grid):
-    runs = report.load_sweep(grid)
-    rows = report.claim_rows(runs)
+    runs = report_runs.load_sweep(grid)
+    rows = report_claims.claim_rows(runs)
     assert {r["comparison"] for r in rows} == {"isdpo - dpo", "isipo - ipo", "online_dpo - dpo",
                                                "online_dpo - isdpo"}
     for instance in ("chain_seed=0", "chain_seed=1", "pooled over 2"):
@@ -171,7 +176,7 @@ def test_paired_difference_exact_shift_excludes_zero(grid):
 
 
 def test_paired_difference_symmetric_noise_includes_zero(grid):
-    rows = report.claim_rows(report.load_sweep(grid))
+    rows = report_claims.claim_rows(report_runs.load_sweep(grid))
     for instance in ("chain_seed=0", "pooled over 2"):
         row = claim_of(rows, "isipo - ipo", "final_win_rate", instance)
         assert row["mean"] == pytest.approx(0.0, abs=1e-12)
@@ -180,7 +185,7 @@ def test_paired_difference_symmetric_noise_includes_zero(grid):
 
 
 def test_unpaired_runs_are_left_out_and_counted(grid):
-    rows = report.claim_rows(report.load_sweep(grid))
+    rows = report_claims.claim_rows(report_runs.load_sweep(grid))
     row = claim_of(rows, "online_dpo - dpo", "final_win_rate", "chain_seed=0")
     assert row["n_pairs"] == 3 and row["n_unpaired"] == 1 and row["unpaired"] == "dpo seed 3"
     assert row["mean"] == pytest.approx(-0.2) and "(3 seeds; 1 unpaired run left out)" in row["claim"]
@@ -190,7 +195,7 @@ def test_unpaired_runs_are_left_out_and_counted(grid):
 
 
 def test_statistics_rows_per_instance_and_pooled(grid):
-    rows = report.statistics_rows(report.load_sweep(grid))
+    rows = report_tables.statistics_rows(report_runs.load_sweep(grid))
     dpo = {r["instance"]: r for r in rows if r["loss"] == "dpo" and r["metric"] == "final_win_rate"}
     assert set(dpo) == {"chain_seed=0", "chain_seed=1", "pooled over 2"}
     for c in (0, 1):
@@ -216,11 +221,11 @@ def test_statistics_rows_per_instance_and_pooled(grid):
 
 def test_report_files_claims_csv_and_figures(grid, tmp_path):
     out = tmp_path / "rep"
-    md = report.build_report(grid, out, log=lambda msg: None).read_text()
+    md = report_build.build_report(grid, out, log=lambda msg: None).read_text()
     with open(out / "claims.csv") as f:
         claims = list(csv.DictReader(f))
     # 4 comparisons x 5 metrics x (2 instances + pooled)
-    assert len(claims) == 4 * len(report.STAT_QUANTITIES) * 3
+    assert len(claims) == 4 * len(report_tables.STAT_QUANTITIES) * 3
     row = next(r for r in claims if r["comparison"] == "isdpo - dpo" and r["metric"] == "final_win_rate"
                and r["level"] == "pooled")
     assert float(row["mean"]) == pytest.approx(0.1) and row["verdict"] == "excludes zero"
@@ -256,11 +261,11 @@ def test_one_seed_runs_missing_metrics_and_nan(tmp_path):
     result["final"]["win_rate"] = float("nan")
     (folder / "result.json").write_text(json.dumps(result))
     out = tmp_path / "rep"
-    md = report.build_report(tmp_path, out, log=lambda msg: None).read_text()
-    summary = {r["loss"]: r for r in report.summarise(report.load_sweep(tmp_path))}
+    md = report_build.build_report(tmp_path, out, log=lambda msg: None).read_text()
+    summary = {r["loss"]: r for r in report_tables.summarise(report_runs.load_sweep(tmp_path))}
     assert summary["isdpo"]["final_win_rate_n"] == 1 and summary["isdpo"]["final_win_rate_mean"] == 0.7
     assert math.isnan(summary["isdpo"]["final_win_rate_ci_low"])
-    claim = next(r for r in report.claim_rows(report.load_sweep(tmp_path)) if r["metric"] == "final_win_rate")
+    claim = next(r for r in report_claims.claim_rows(report_runs.load_sweep(tmp_path)) if r["metric"] == "final_win_rate")
     assert claim["n_pairs"] == 1 and claim["verdict"] == "n/a" and "no interval" in claim["claim"]
     assert "n/a" in md and not (out / "is_diagnostics_synthetic.png").exists()  # no run logs IS weights
 
@@ -273,7 +278,7 @@ def test_nan_final_is_left_out(tmp_path):
     result = json.loads((folder / "result.json").read_text())
     result["final"]["win_rate"] = float("nan")
     (folder / "result.json").write_text(json.dumps(result))
-    row = report.summarise(report.load_sweep(tmp_path))[0]
+    row = report_tables.summarise(report_runs.load_sweep(tmp_path))[0]
     assert row["final_win_rate_n"] == 2 and row["final_win_rate_mean"] == pytest.approx(0.55)
 
 
@@ -283,7 +288,7 @@ def test_comparisons_from_the_loss_config_and_the_name_fallback(tmp_path):
     try:
         for loss in ("dpo", "ipo", "weighted", "rpo", "online_dpo", "isdpo"):
             write_fake(tmp_path / "a", loss, 0.1, 0, 0, 0.6)
-        assert report.comparisons(report.load_sweep(tmp_path / "a")) == [
+        assert report_claims.comparisons(report_runs.load_sweep(tmp_path / "a")) == [
             ("isdpo", "dpo"), ("weighted", "ipo"), ("online_dpo", "dpo"), ("online_dpo", "isdpo")]
     finally:
         del TRAITS["weighted"]
@@ -291,13 +296,13 @@ def test_comparisons_from_the_loss_config_and_the_name_fallback(tmp_path):
     for loss in ("dpo", "isdpo"):
         folder = write_fake(tmp_path / "b", loss, 0.1, 0, 0, 0.6)
         (folder / ".hydra" / "config.yaml").unlink()
-    assert report.comparisons(report.load_sweep(tmp_path / "b")) == [("isdpo", "dpo")]
+    assert report_claims.comparisons(report_runs.load_sweep(tmp_path / "b")) == [("isdpo", "dpo")]
 
 
 def test_instance_key_flag(grid, tmp_path):
     """--instance-key names another config key; a key no run has makes one instance (no pooled rows)."""
     out = tmp_path / "rep"
-    assert report.main([str(grid), "--out", str(out), "--no-figures", "--instance-key", "task.absent"]) == 0
+    assert report_cli.main([str(grid), "--out", str(out), "--no-figures", "--instance-key", "task.absent"]) == 0
     with open(out / "stats.csv") as f:
         stats = list(csv.DictReader(f))
     dpo = [r for r in stats if r["loss"] == "dpo" and r["metric"] == "final_win_rate"]
@@ -316,11 +321,11 @@ def test_comparisons_and_pairs_with_composed_configs(tmp_path):
     for loss in losses:
         for seed in (0, 1):
             write_real_run(tmp_path, [f"loss={loss}", f"seed={seed}"], tag="")
-    runs = report.load_sweep(tmp_path)
+    runs = report_runs.load_sweep(tmp_path)
     expected = [("isdpo", "dpo"), ("isipo", "ipo")] + ([("online_dpo", "dpo"), ("online_dpo", "isdpo")]
                                                        if online else [])
-    assert report.comparisons(runs) == expected
-    rows = [r for r in report.claim_rows(runs) if r["metric"] == "final_win_rate"]
+    assert report_claims.comparisons(runs) == expected
+    rows = [r for r in report_claims.claim_rows(runs) if r["metric"] == "final_win_rate"]
     assert [(r["comparison"], r["n_pairs"], r["n_unpaired"]) for r in rows] == [
         (f"{a} - {b}", 2, 0) for a, b in expected]
 
@@ -329,12 +334,12 @@ def test_overoptimization_panels_share_an_x_range_that_holds_every_point(tmp_pat
     """Every panel of the win-rate-vs-sqrt(KL) figure shows every point: the shared x-range reaches the largest
     sqrt(KL) of any run, also when a later panel holds it (setting the range per panel froze it at the first
     panel's data)."""
-    from isdpo.report_plots import plot_overoptimization, series_colours
+    from isdpo.report.plots import plot_overoptimization, series_colours
 
     for c, kl in ((0, 1.0), (1, 9.0)):
         for s in (0, 1):
             write_fake(tmp_path, "dpo", 0.1, s, c, 0.7, kl=kl)
-    runs = [r for r in report.load_sweep(tmp_path) if r.ok]
+    runs = [r for r in report_runs.load_sweep(tmp_path) if r.ok]
     fig = plot_overoptimization(runs, series_colours(runs), "synthetic", per_instance=True)
     panels = [ax for ax in fig.axes if ax.get_xlabel()]
     assert len(panels) == 2
@@ -346,11 +351,11 @@ def test_overoptimization_panels_share_an_x_range_that_holds_every_point(tmp_pat
 def test_a_long_legend_does_not_squash_the_panels(tmp_path):
     """Eight methods under one beta panel: the legend goes below and the figure grows by its height, so the panel
     keeps most of a panel's height (before, the legend took it and the panel was a thin strip)."""
-    from isdpo.report_plots import FIG_HEIGHT_IN, plot_overoptimization, series_colours
+    from isdpo.report.plots import FIG_HEIGHT_IN, plot_overoptimization, series_colours
 
     for loss in TRAITS:
         write_fake(tmp_path, loss, 0.01, 0, 0, 0.7)
-    runs = [r for r in report.load_sweep(tmp_path) if r.ok]
+    runs = [r for r in report_runs.load_sweep(tmp_path) if r.ok]
     assert len({r.loss for r in runs}) >= 5
     fig = plot_overoptimization(runs, series_colours(runs), "synthetic")
     fig.canvas.draw()

@@ -1,13 +1,13 @@
 """Figures of a sweep report: over-optimization, training curves, win rate against beta, IS diagnostics.
 
-Every function takes the completed runs of one task (``isdpo.report.Run``), a series -> colour mapping
+Every function takes the completed runs of one task (``isdpo.report.runs.Run``), a series -> colour mapping
 (``series_colours``, shared by all figures so a series has the same colour everywhere) and returns the
 matplotlib ``Figure`` it drew (or None: nothing to draw), so callers and tests can inspect it before saving.
 
 A series is one configuration pooled over task instances (``series_label``: ``Run.method``, the loss plus the
 swept settings other than the instance key, e.g. "isdpo, log_clip=0.5"). Panels: one column per beta; with
 ``per_instance=True`` one row per task instance (``Run.instance``). Bands and error bars are 95% percentile
-bootstrap intervals (``isdpo.report_stats``): over seeds; pooled over instances, of the mean of instance means
+bootstrap intervals (``isdpo.report.stats``): over seeds; pooled over instances, of the mean of instance means
 with seeds resampled within each instance. What the panels hold:
 
 - win rate against sqrt KL: every evaluation point (small, translucent; rasterized in the SVG) and per series
@@ -28,7 +28,7 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 
-from isdpo.report_stats import binned_curve, default_bins, stratified_interval
+from isdpo.report.stats import binned_curve, default_bins, stratified_interval
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -58,7 +58,7 @@ _SPARE_COLOURS = ["#e6ab02", "#1b9e77", "#7570b3", "#66a61e", "#a6761d", "#e7298
 PANEL_WIDTH_IN = 5.2
 FIG_HEIGHT_IN = 4.0
 DPI = 110
-#: Bootstrap resamples behind a figure's bands (the tables use ``report_stats.N_RESAMPLES``): a band needs less
+#: Bootstrap resamples behind a figure's bands (the tables use ``stats.N_RESAMPLES``): a band needs less
 #: precision than a reported interval, and a figure draws hundreds of them.
 FIGURE_RESAMPLES = 2000
 BAND_TEXT = "95% band (bootstrap over seeds)"

@@ -123,7 +123,7 @@ def interval_note(n_resamples: int = N_RESAMPLES, seed: int = SEED, level: float
             f"{exact_up_to} seeds, else {n_resamples:,} resamples (numpy seed {seed}); n/a with one seed")
 
 
-def pair_up(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[dict, list, list]:
+def paired_differences(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[dict, list, list]:
     """Paired differences ``a[k] - b[k]`` over the keys both have with finite values.
 
     Returns (key -> difference, keys only usable on the a side, keys only usable on the b side); a key whose

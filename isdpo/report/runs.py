@@ -1,0 +1,431 @@
+"""A sweep's runs: discovery, reading each run folder (config, overrides, result, metrics), classifying it
+(completed / incomplete / failed / duplicate) and the variants (the settings that differ between runs)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml  # PyYAML, a dependency of omegaconf
+
+from isdpo.schema import default_of, flatten
+
+RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
+    ".hydra/overrides.yaml"
+
+#: Top-level config keys that say where and under which name a run wrote, not what it computed: they never
+#: tell two runs apart.
+BOOKKEEPING = ("paths", "run_name", "experiment", "logger", "hydra", "stage")
+#: Config keys of the fixed table columns (task is the section); "seed" is what the table averages over.
+BASE_KEYS, SEED_KEY = ("task.name", "loss.name", "beta"), "seed"
+#: Config key that names the task instance (the synthetic task's chain): statistics are per instance and pooled
+#: over instances; a sweep without the key has one instance.
+INSTANCE_KEY = "task.chain_seed"
+
+
+@dataclass
+class Run:
+    """One job folder: what it was (task, loss, beta, seed), whether it completed, and what it wrote."""
+
+    path: Path
+    name: str  # folder relative to the sweep directory
+    task: str | None = None
+    loss: str | None = None
+    beta: float | None = None
+    seed: int | None = None
+    status: str = "completed"  # completed | incomplete | failed | duplicate
+    reason: str = ""
+    result: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    # .hydra/config.yaml flattened ("a.b.c" -> value), as written; ``load_sweep`` adds the schema default of a key
+    # other runs have and this one lacks (written by code older than the key)
+    config: dict[str, Any] | None = None
+    # Set by ``assign_variants`` (from the whole sweep): the swept settings shown for this run (key -> value),
+    # the values of every varying setting but the seed (what the tables group by), and the legend label.
+    variant: dict[str, Any] = field(default_factory=dict)
+    group: tuple = ()
+    series: str | None = None
+    # Also set by ``assign_variants``: every varying setting (key -> hashable value), the task instance ("" when
+    # the instance key is in no config; else e.g. "chain_seed=1") and its sort key, and the configuration pooled
+    # over instances: ``config_group`` (``group`` without the instance key) and its legend label ``method``.
+    settings: dict[str, Any] = field(default_factory=dict)
+    instance: str = ""
+    instance_order: tuple = ()
+    config_group: tuple = ()
+    method: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def key(self) -> tuple:
+        """What the run computed: its config without bookkeeping (seed included); two equal keys are duplicates."""
+        if self.config is None:
+            return ("result.json", self.task, self.loss, self.beta, self.seed)
+        return tuple(sorted((k, _hashable(v)) for k, v in self.config.items() if not is_bookkeeping(k)))
+
+    @property
+    def label(self) -> str:
+        """Name of the run's configuration in legends: the loss, plus the swept settings when there are some."""
+        return self.series or str(self.loss)
+
+    @property
+    def variant_order(self) -> tuple:
+        return tuple(value_order(v) for v in self.variant.values())
+
+
+class _Marker:
+    """A variant value that is not a config value: the key is absent, or the run has no config at all."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    __repr__ = __str__
+
+
+NOT_SET = _Marker("–")  # the key is not in this run's config
+UNKNOWN = _Marker("?")  # the run has no readable .hydra/config.yaml
+
+
+def is_bookkeeping(key: str) -> bool:
+    return key.split(".")[0] in BOOKKEEPING
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def format_value(value) -> str:
+    """A config value as a table cell / legend text, spelled as in the config (null, true, 0.5)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def value_order(value) -> tuple:
+    """Sort key of config values of one setting: numbers ascending, then text, then null, then markers."""
+    if isinstance(value, _Marker):
+        return 3, 0.0, str(value)
+    if value is None:
+        return 2, 0.0, ""
+    if isinstance(value, (int, float)):
+        return 0, float(value), ""
+    return 1, 0.0, format_value(value)
+
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.\-]*)\}")
+
+
+def resolve(flat: dict[str, Any], key: str, _depth: int = 0):
+    """``flat[key]`` with its ``${other.key}`` interpolations replaced by the config's values where they can be.
+
+    Resolver calls (``${oc.env:...}``, ``${hydra:...}``) and unknown keys stay as written.
+    """
+    value = flat.get(key)
+    if not isinstance(value, str) or "${" not in value or _depth > 10:
+        return value
+    whole = _INTERPOLATION.fullmatch(value)
+    if whole and whole.group(1) in flat:  # "${seed}" takes the referenced value with its type
+        return resolve(flat, whole.group(1), _depth + 1)
+    return _INTERPOLATION.sub(
+        lambda m: format_value(resolve(flat, m.group(1), _depth + 1)) if m.group(1) in flat else m.group(0), value)
+
+
+def discover(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Folders under ``root`` (``root`` included) that hold result.json, metrics.jsonl or .hydra/config.yaml.
+
+    A run folder is not searched further: runs do not nest, and its checkpoints
+    and policy folders are large.
+    """
+    root, found = Path(root), []
+    exclude = exclude.resolve() if exclude else None
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if exclude is not None and here.resolve() == exclude:
+            dirnames[:] = []
+            continue
+        if RESULT in filenames or METRICS in filenames or (here / HYDRA_CONFIG).is_file():
+            found.append(here)
+            dirnames[:] = []
+        else:
+            dirnames[:] = sorted(d for d in dirnames if d != ".hydra")
+    return sorted(found)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """Rows of a metrics.jsonl and the number of lines that did not parse.
+
+    A run still being written can end in a half-written line; such lines are
+    skipped (and counted) instead of failing the whole report. A row is an evaluation
+    point with a golden win rate and KL, or with held-out pair metrics (``loss``), or both.
+    """
+    if not path.is_file():
+        return [], 0
+    rows, bad = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and "step" in row and (("win_rate" in row and "kl" in row) or "loss" in row):
+            rows.append(row)
+        else:
+            bad += 1
+    return rows, bad
+
+
+def to_float(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def to_int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
+    """The flattened .hydra/config.yaml of a run folder as written (interpolations unresolved), or (None, why)."""
+    path = folder / HYDRA_CONFIG
+    if not path.is_file():
+        return None, f"no {HYDRA_CONFIG}"
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        return None, f"{HYDRA_CONFIG} unreadable ({err.__class__.__name__})"
+    if not isinstance(cfg, dict):
+        return None, f"{HYDRA_CONFIG} is not a mapping"
+    return flatten(cfg), ""
+
+
+def _identity_from_hydra(folder: Path, config: dict[str, Any] | None) -> dict:
+    """task, loss, beta, seed from the flattened .hydra/config.yaml, filled in from .hydra/overrides.yaml."""
+    ident: dict[str, Any] = {}
+    if config is not None:
+        # Unresolvable interpolations stay strings here; to_float / to_int turn them into None.
+        ident = {name: resolve(config, key) for name, key in
+                 (("task", "task.name"), ("loss", "loss.name"), ("beta", "beta"), ("seed", SEED_KEY))}
+    for key, value in read_overrides(folder):
+        current = ident.get(key)
+        if key in ("task", "loss", "beta", "seed") and (current in (None, "") or "${" in str(current)):
+            ident[key] = value
+    return ident
+
+
+def read_overrides(folder: Path) -> list[tuple[str, str]]:
+    """(key, value) of each line of .hydra/overrides.yaml (``+``/``~`` prefixes dropped); [] when unreadable."""
+    try:
+        items = yaml.safe_load((folder / HYDRA_OVERRIDES).read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(items, list):
+        return []
+    return [(key, value) for key, _, value in (str(item).lstrip("+~").partition("=") for item in items)]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def load_run(folder: Path, root: Path) -> Run:
+    """Read one job folder into a ``Run`` and classify it (completed / incomplete / failed)."""
+    folder = Path(folder)
+    name = str(folder.relative_to(root)) if folder != Path(root) else folder.name
+    run = Run(path=folder, name=name)
+    run.metrics, bad = read_metrics(folder / METRICS)
+    if bad:
+        run.notes.append(f"{bad} malformed line(s) in metrics.jsonl skipped")
+
+    result, result_error = None, None
+    if (folder / RESULT).is_file():
+        try:
+            result = json.loads((folder / RESULT).read_text())
+            if not isinstance(result, dict):
+                result, result_error = None, "result.json is not a JSON object"
+        except (OSError, json.JSONDecodeError) as err:
+            result_error = f"result.json unreadable ({err.__class__.__name__}: {err})"
+    run.result = result
+
+    run.config, why = read_config(folder)
+    if run.config is None and result is not None:
+        run.notes.append(f"{why}: identified from result.json (task, loss, beta, seed) only; "
+                         "the swept settings it cannot show are ? in the tables")
+    ident = _identity_from_hydra(folder, run.config)
+    src = result or {}
+    run.task = src.get("task") or ident.get("task")
+    run.loss = src.get("loss") or ident.get("loss")
+    run.beta = to_float(src.get("beta", ident.get("beta")))
+    run.seed = to_int(src.get("seed", ident.get("seed")))
+
+    progress = ""
+    if run.metrics:
+        age = time.time() - (folder / METRICS).stat().st_mtime
+        progress = (f"; {len(run.metrics)} eval points, last step {run.metrics[-1]['step']}, "
+                    f"metrics.jsonl last written {_age(age)} ago")
+
+    if result_error:
+        run.status, run.reason = "failed", result_error + progress
+    elif result is None:
+        if run.metrics:
+            run.status, run.reason = "incomplete", "no result.json (still running or crashed)" + progress
+        elif (folder / METRICS).is_file():
+            run.status, run.reason = "failed", "no result.json and empty metrics.jsonl"
+        else:
+            started = ""
+            if (folder / HYDRA_CONFIG).is_file():
+                age = _age(time.time() - (folder / HYDRA_CONFIG).stat().st_mtime)
+                started = f"; .hydra written {age} ago (a job that has just started looks the same)"
+            run.status = "failed"
+            run.reason = "no result.json and no metrics.jsonl (crashed before the first evaluation?)" + started
+    elif result.get("status") != "completed":
+        detail = result.get("error") or result.get("message")
+        run.status = "failed"
+        run.reason = f"status = {result.get('status')!r}" + (f": {detail}" if detail else "") + progress
+    elif not run.metrics or not result.get("final") or not result.get("peak"):
+        run.status = "failed"
+        run.reason = "empty metrics (" + ("no final/peak in result.json" if run.metrics
+                                          else "metrics.jsonl missing or empty") + ")"
+    elif run.loss is None or run.beta is None:
+        run.status, run.reason = "failed", "loss or beta unknown (not in result.json nor .hydra)"
+    return run
+
+
+def load_sweep(root: Path, exclude: Path | None = None, instance_key: str = INSTANCE_KEY) -> list[Run]:
+    """All runs under ``root``, with their variants assigned; of two completed runs with the same config (seed
+    included) the newer is kept and the older marked duplicate, so a rerun is never averaged with itself."""
+    root = Path(root)
+    runs = [load_run(folder, root) for folder in discover(root, exclude)]
+    fill_defaults(runs)
+    newest: dict[tuple, Run] = {}
+    for run in sorted((r for r in runs if r.ok), key=lambda r: (r.path / RESULT).stat().st_mtime):
+        if run.key in newest:
+            older = newest[run.key]
+            same = "config (seed included)" if run.config is not None else "task/loss/beta/seed"
+            older.status, older.reason = "duplicate", f"same {same} as {run.name} (newer, kept)"
+        newest[run.key] = run
+    assign_variants(runs, instance_key)
+    return runs
+
+
+def fill_defaults(runs: list[Run]) -> None:
+    """Give each config the schema default of every key that another run's config has and it lacks: a run of
+    code older than the key ran with what the default does, so it is neither a variant nor a new seed group.
+    Keys without a schema default stay absent (``NOT_SET``)."""
+    configs = [r.config for r in runs if r.config is not None]
+    for key in sorted({k for config in configs for k in config}):
+        lacking = [config for config in configs if key not in config]
+        if not lacking:
+            continue
+        found, default = default_of(key)
+        for config in lacking if found else ():
+            config[key] = default
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value differs between the completed runs that have a config, except the seed,
+    bookkeeping and ``BASE_KEYS``: swept keys (overrides.yaml) first, then in config order.
+
+    Values are compared as written, interpolations unresolved: a setting derived from the seed
+    (``task.data_seed: ${seed}``) is then the same in every run and does not split the seeds.
+    """
+    configs = [r.config for r in runs if r.ok and r.config is not None]
+    keys: list[str] = []
+    for config in configs:
+        keys += [k for k in config if k not in keys]
+    varying = [k for k in keys if k != SEED_KEY and k not in BASE_KEYS and not is_bookkeeping(k)
+               and len({_hashable(c.get(k, NOT_SET)) for c in configs}) > 1]
+    swept = []
+    for run in runs:
+        swept += [k for k, _ in read_overrides(run.path) if k in varying and k not in swept]
+    return swept + [k for k in varying if k not in swept]
+
+
+def _value(run: Run, key: str):
+    """The setting as written (not resolved: grouping and display must agree, and ``${seed}`` differs by seed)."""
+    if run.config is None:
+        return UNKNOWN
+    return run.config.get(key, NOT_SET)
+
+
+def assign_variants(runs: list[Run], instance_key: str = INSTANCE_KEY) -> list[str]:
+    """Set each run's ``group``, ``variant``, ``series`` and instance fields from the settings that vary across
+    ``runs``.
+
+    ``group`` holds every varying setting (the tables group by it); ``variant`` only those needed to tell the
+    groups apart: a setting that follows from task/loss/beta and the settings already shown (the loss's own
+    parameters under ``loss=dpo,isdpo``) gets no column. ``instance_key`` names the task instance (``Run.instance``;
+    ``Run.config_group`` and ``Run.method`` leave it out). Returns the keys of ``variant``.
+    """
+    varying = varying_keys(runs)
+    done = [r for r in runs if r.ok]
+    shown: list[str] = []
+    for key in varying:
+        seen: dict[tuple, Any] = {}
+        for run in done:
+            known = (run.task, run.loss, run.beta) + tuple(_hashable(_value(run, k)) for k in shown)
+            if seen.setdefault(known, _hashable(_value(run, key))) != _hashable(_value(run, key)):
+                shown.append(key)
+                break
+    names = short_names(shown + [instance_key])
+    has_instances = any(r.config is not None and instance_key in r.config for r in runs)
+    for run in runs:
+        run.settings = {k: _hashable(_value(run, k)) for k in varying}
+        run.group = tuple(run.settings.values())
+        run.config_group = tuple(v for k, v in run.settings.items() if k != instance_key)
+        run.variant = {k: _value(run, k) for k in shown}
+        run.series = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in run.variant.items()])
+        run.method = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in run.variant.items()
+                                                  if k != instance_key])
+        value = resolve(run.config, instance_key) if run.config is not None and instance_key in run.config \
+            else _value(run, instance_key)
+        run.instance = f"{names[instance_key]}={format_value(value)}" if has_instances else ""
+        run.instance_order = value_order(value)
+    return shown
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Shortest dotted suffix of each key that no other key ends with ("loss.importance_sampling.log_clip" ->
+    "log_clip"), for legends."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if not any(other != key and (other == name or other.endswith("." + name)) for other in keys):
+                break
+        names[key] = name
+    return names
+
+
+def by_instance(runs: list[Run]) -> dict[str, list[Run]]:
+    """The runs grouped by task instance, instances and seeds in order."""
+    out: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: (r.instance_order, r.seed is None, r.seed)):
+        out.setdefault(run.instance, []).append(run)
+    return out
