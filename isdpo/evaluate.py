@@ -82,8 +82,17 @@ class Evaluator:
         score_batch = self.score_batch_size or self.batch_size
         pol_lp = logps[-1]
         ref_lp = response_logps(self.reference, prompts, kl_resp, pad_id=self.pad_id, batch_size=score_batch)
+        # Two disjoint halves of the prompts (even / odd index): independent estimates at every point, so a peak
+        # picked on one half can be measured on the other (the report's unbiased drop; docs/method.md).
+        half = (torch.arange(len(prompts)) // self.samples_per_prompt) % 2
+        halves = {}
+        for name, part in (("a", half == 0), ("b", half == 1)):
+            if part.any():
+                halves[f"win_rate_{name}"] = win_rate(scores[part], ref_scores[part])
+                halves[f"golden_reward_{name}"] = scores[part].mean().item()
         return {
             "win_rate": win_rate(scores, ref_scores),
+            **halves,
             "kl": k3_kl(pol_lp, ref_lp).mean().item(),
             "kl_k1": (pol_lp - ref_lp).mean().item(),
             "golden_reward": scores.mean().item(),

@@ -73,6 +73,7 @@ POSITIVE = Rule("> 0", lambda v: v > 0)
 AT_LEAST_ONE = Rule(">= 1", lambda v: v >= 1)
 NON_NEGATIVE = Rule(">= 0", lambda v: v >= 0)
 PROBABILITY = Rule("in (0, 1]", lambda v: 0 < v <= 1)
+FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)
 SEED = Rule("an integer in [0, 2**32)", lambda v: 0 <= v < SEED_LIMIT)
 
 
@@ -318,6 +319,7 @@ class SyntheticTask:
     n_sft_sequences: int = ranged(AT_LEAST_ONE)
     n_pref_prompts: int = ranged(AT_LEAST_ONE)
     pref_temperature: float = ranged(POSITIVE)
+    heldout_prompt_fraction: float = ranged(FRACTION)
     sft: Sft = field(default_factory=Sft)
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)

@@ -200,9 +200,13 @@ def test_is_variants_are_their_base_loss_with_importance_sampling_on():
     # the block is the same in every loss: the schema's defaults
     blocks = {o: OmegaConf.to_container(compose_cfg([f"loss={o}"]).loss.importance_sampling)
               for o in group_options("loss")}
-    assert {o for o, b in blocks.items() if b["enabled"]} == {"isdpo", "isipo", "isslic"}
+    assert {o for o, b in blocks.items() if b["enabled"]} == {"isdpo", "isipo", "isslic", "isdpo_noclip"}
+    # the clip-free arm is IS-DPO with only the clip removed
+    assert {**blocks["isdpo_noclip"], "log_clip": 2.0} == blocks["isdpo"]
+    assert blocks["isdpo_noclip"]["log_clip"] is None
     assert all({**b, "enabled": False} == {"enabled": False, "log_clip": 2.0, "weight": "sequence",
-                                           "lower_log_clip": None, "self_normalize": False} for b in blocks.values())
+                                           "lower_log_clip": None, "self_normalize": False}
+               for o, b in blocks.items() if o != "isdpo_noclip")
 
 
 def _flat(node, prefix=""):
