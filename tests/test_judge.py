@@ -1,4 +1,4 @@
-"""Tests of isdpo.judge: the LLM-judge evaluation (paper section 5, Table 2 prompt).
+"""Tests of the isdpo.judge package: the LLM-judge evaluation (paper section 5, Table 2 prompt).
 
 The OpenAI-compatible client is tested against a real HTTP server on 127.0.0.1
 (http.server in a thread) that speaks the chat-completions protocol and is
@@ -27,13 +27,13 @@ from isdpo.judge import (
     JudgeResponseError,
     JudgeRetryError,
     OpenAIJudge,
-    _letter_token_ids,
-    _parse_retry_after,
     format_judge_prompt,
     judge_win_rate,
     parse_verdict,
     save_records_jsonl,
 )
+from isdpo.judge.client import parse_retry_after
+from isdpo.judge.hf import letter_token_ids
 
 SECRET = "sk-test-SECRET-4f9a1c"
 _RESPONSES = re.compile(r"Response A:\n(.*)\nResponse B: (.*)\nFIRST provide", re.S)
@@ -263,13 +263,13 @@ def test_parse_verdict_repeated_agreeing_labels():
 
 
 def test_retry_after_parsing():
-    assert _parse_retry_after(None) is None
-    assert _parse_retry_after("2") == 2.0
-    assert _parse_retry_after("0.5") == 0.5
-    assert _parse_retry_after("garbage") is None
-    assert _parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date: no wait
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after("0.5") == 0.5
+    assert parse_retry_after("garbage") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a past date: no wait
     future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= _parse_retry_after(future) <= 31
+    assert 25 <= parse_retry_after(future) <= 31
 
 
 # ---------------------------------------------------------------------------
@@ -620,11 +620,11 @@ def tiny_lm():
 
 def test_letter_token_ids_cover_both_spellings(tiny_lm):
     _, tokenizer = tiny_lm
-    ids_a = _letter_token_ids(tokenizer, "A")
+    ids_a = letter_token_ids(tokenizer, "A")
     # Byte-level BPE: "A" and "ĠA" (" A") are different tokens; both count.
     assert len(ids_a) == 2
     assert {tokenizer.convert_ids_to_tokens(i) for i in ids_a} == {"A", "ĠA"}
-    assert not set(ids_a) & set(_letter_token_ids(tokenizer, "B"))
+    assert not set(ids_a) & set(letter_token_ids(tokenizer, "B"))
 
 
 def test_hf_judge_returns_a_or_b_with_sane_probabilities(tiny_lm):
