@@ -15,11 +15,14 @@ from PIL import Image
 
 from isdpo.report import __main__ as report_cli
 from isdpo.report import build as report_build
+from isdpo.report import files as report_files
 from isdpo.report import plots as report_plots
+from isdpo.report import quantities as report_quantities
 from isdpo.report import runs as report_runs
 from isdpo.report import stats as report_stats
 from isdpo.report import tables as report_tables
 from isdpo.report import wandb as report_wandb
+from isdpo import artifacts, run_guard
 from tests.hydra_utils import compose_cfg
 
 LOSSES, BETAS, SEEDS = ("dpo", "isdpo"), (0.01, 0.1), (0, 1)
@@ -34,7 +37,8 @@ def metrics_rows(loss, beta, seed, steps=STEPS, tag=""):
         rise = 0.08 * i if loss == "isdpo" else 0.15 * i - 0.05 * i * i
         kl = (0.3 if loss == "isdpo" else 1.5) * i / (1 + 10 * beta) + rng.uniform(0, 0.2) * (i > 0)
         rows.append({"step": step, "epoch": 0, "win_rate": round(0.5 + rise + rng.uniform(-0.03, 0.03), 4),
-                     "kl": round(kl, 4), "kl_k1": round(kl * 1.1, 4), "golden_reward": 1.0 + i,
+                     "kl": round(kl, 4), "kl_k1": round(kl * 1.1, 4),
+                     "golden_reward": 1.0 + i + (0.5 * i if loss == "isdpo" else 0.0),
                      "reference_golden_reward": 1.0, "policy_logp": -10.0 + i, "response_length": 10.0,
                      "n_samples": 100})
     return rows
@@ -295,9 +299,66 @@ def test_cli_default_out_inside_sweep_is_not_a_run(sweep, tmp_path, capsys):
     assert len(report_runs.discover(root)) == 10
 
 
-def test_empty_directory_is_an_error(tmp_path, capsys):
+def test_empty_directory_is_an_error_and_leaves_no_report_folder(tmp_path, capsys):
     assert report_cli.main([str(tmp_path)]) == 2
     assert "no runs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no empty report/ left behind
+
+
+def test_a_read_only_sweep_folder_says_where_and_suggests_out(sweep, tmp_path, monkeypatch, capsys):
+    """Writing into a sweep folder one may not write to: a message naming the path and --out, exit 1, no
+    traceback. (Simulated: the tests run as root, for whom chmod does not forbid writing.)"""
+    real_mkdir = type(tmp_path).mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == sweep / "report":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", mkdir)
+    assert report_cli.main([str(sweep), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the report: Permission denied ({sweep / 'report'})" in err and "--out DIR" in err
+    assert report_cli.main([str(sweep), "--no-figures", "--out", str(tmp_path / "elsewhere")]) == 0
+
+
+def test_report_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails halfway leaves the previous file as it was and no temporary file (the report is read
+    while sweeps run and may be rebuilt at any time)."""
+    path = tmp_path / "summary.csv"
+    report_tables.write_csv(path, [{"a": 1, "b": 2}])
+    before = path.read_bytes()
+
+    def fail_halfway(self, rows):
+        self.writer.writerow(["half"])
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail_halfway)
+    with pytest.raises(RuntimeError):
+        report_tables.write_csv(path, [{"a": 3, "b": 4}])
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+    png = tmp_path / "fig.png"
+    fig = report_plots.plt.figure()
+    report_plots.save_figure(fig, png)
+    old_png, old_svg = png.read_bytes(), report_plots.svg_path(png).read_bytes()
+
+    def savefig(self, fname, **kwargs):
+        open(fname, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_plots.Figure, "savefig", savefig)
+    with pytest.raises(OSError):
+        report_plots.save_figure(report_plots.plt.figure(), png)
+    assert (png.read_bytes(), report_plots.svg_path(png).read_bytes()) == (old_png, old_svg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "fig.svg", "summary.csv"]
+
+    report_files.write_text(tmp_path / "report.md", "old")
+    monkeypatch.setattr(type(tmp_path), "write_text", lambda self, text: (open(self, "w").write(text[:2]),
+                                                                          1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        report_files.write_text(tmp_path / "report.md", "new text")
+    assert (tmp_path / "report.md").read_text() == "old"
 
 
 def fake_wandb(monkeypatch, api):
@@ -349,12 +410,14 @@ CLIP_KEY = "loss.importance_sampling.log_clip"
 CLIPS = ("0.5", "null")
 
 
-def write_real_run(root, overrides, *, tag, seconds_ago=0.0):
+def write_real_run(root, overrides, *, tag, seconds_ago=0.0, record=False):
     """A run folder as Hydra and isdpo.stages write it: the composed, unresolved config (without its hydra node)
-    in .hydra/config.yaml, the overrides in .hydra/overrides.yaml, metrics.jsonl and result.json."""
+    in .hydra/config.yaml, the overrides in .hydra/overrides.yaml, metrics.jsonl and result.json; with ``record``
+    also run_config.json as isdpo.run_guard writes it (the resolved config less what it leaves out)."""
     cfg = compose_cfg(overrides, run=False)
     with open_dict(cfg):
         del cfg["hydra"]
+    resolved = run_guard.identity(OmegaConf.to_container(cfg, resolve=True)) if record else None
     folder = root / ",".join(sorted(overrides))
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
@@ -367,6 +430,8 @@ def write_real_run(root, overrides, *, tag, seconds_ago=0.0):
               "n_eval_points": len(rows), "train_seconds": 1.0, "reference_dir": "/nowhere",
               "output_dir": str(folder)}
     (folder / "result.json").write_text(json.dumps(result, indent=2))
+    if record:
+        (folder / "run_config.json").write_text(json.dumps({"hash": "test", "config": resolved}, default=str))
     if seconds_ago:
         then = time.time() - seconds_ago
         os.utime(folder / "result.json", (then, then))
@@ -488,3 +553,74 @@ def test_a_key_added_after_older_runs_reads_as_its_default(tmp_path):
     rows = report_tables.summarise(runs)
     assert [(r["loss"], r["n_seeds"], r["seeds"]) for r in rows] == [("dpo", 2, "0 1"), ("online_dpo", 1, "0")]
     assert not [k for k in rows[0] if "." in k]  # loss.online follows the loss name: no column
+
+
+def test_a_refused_rerun_does_not_relabel_the_run(tmp_path):
+    """Hydra rewrites a run folder's .hydra/ before the project refuses a rerun there with another config: the
+    report reads the run's own run_config.json, so the completed lr=5e-5 run stays lr=5e-5 (read from .hydra it
+    became lr=1e-4 and a duplicate of the real lr=1e-4 run)."""
+    old, _ = write_real_run(tmp_path, ["task.train.lr=5e-5", "seed=0"], tag="old", record=True, seconds_ago=100)
+    new, _ = write_real_run(tmp_path, ["task.train.lr=1e-4", "seed=0"], tag="new", record=True)
+    cfg = OmegaConf.load(old / ".hydra" / "config.yaml")  # the refused rerun of ``old`` with lr=1e-4
+    cfg.task.train.lr = 1e-4
+    (old / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (old / ".hydra" / "overrides.yaml").write_text("- task.train.lr=1e-4\n- seed=0\n")
+
+    runs = {r.path: r for r in report_runs.load_sweep(tmp_path)}
+    assert [r.status for r in runs.values()] == ["completed", "completed"]
+    assert runs[old].config["task.train.lr"] == 5e-5 and runs[new].config["task.train.lr"] == 1e-4
+    assert "run_config.json" in runs[old].notes[0] and "task.train.lr" in runs[old].notes[0]
+    assert runs[new].notes == []  # record and .hydra agree (interpolations such as ${seed} included)
+    rows = report_tables.summarise(list(runs.values()))
+    assert sorted(r["task.train.lr"] for r in rows) == ["0.0001", "5e-05"]
+    assert "task.data_seed" not in rows[0]  # ${seed} as written: the same setting in every run
+    # A run without the record (older code) is read from .hydra.
+    (new / "run_config.json").unlink()
+    assert {r.path: r.config["task.train.lr"] for r in report_runs.load_sweep(tmp_path)}[new] == 1e-4
+
+
+def test_the_report_knows_what_the_run_guard_writes():
+    """The report reads run_config.json without importing the training stack: its names must be run_guard's."""
+    assert report_runs.RUN_CONFIG == artifacts.RUN_CONFIG
+    assert set(report_runs.NOT_RECORDED) == set(run_guard.NOT_IDENTITY)
+
+
+def test_golden_reward_beside_the_win_rate(sweep, built):
+    """The golden reward (final, and peak of its curve) is in the tables, statistics, claims and figures."""
+    rows = {(r["loss"], r["beta"]): r for r in report_tables.summarise(report_runs.load_sweep(sweep))}
+    last = len(STEPS) - 1
+    assert rows[("dpo", 0.1)]["final_golden_reward_mean"] == pytest.approx(1.0 + last)
+    assert rows[("isdpo", 0.1)]["final_golden_reward_mean"] == pytest.approx(1.0 + 1.5 * last)
+    assert rows[("isdpo", 0.1)]["peak_golden_reward_mean"] == pytest.approx(1.0 + 1.5 * last)  # rises: last
+    md = (built / "report.md").read_text()
+    assert "| final golden reward | 95% CI | peak golden reward | 95% CI |" in md
+    with open(built / "stats.csv") as f:
+        assert {"final_golden_reward", "peak_golden_reward"} <= {r["metric"] for r in csv.DictReader(f)}
+    with open(built / "claims.csv") as f:
+        golden = [r for r in csv.DictReader(f) if r["metric"] == "final_golden_reward"]
+    assert golden and [float(r["mean"]) for r in golden] == pytest.approx([0.5 * last] * len(golden))
+    for stem in ("golden_reward_vs_step", "overopt_golden_reward"):
+        assert (built / f"{stem}_synthetic.png").stat().st_size > 0 and f"]({stem}_synthetic.png)" in md
+
+
+def test_drop_is_cross_fitted_on_the_halves_and_the_biased_fallback_is_counted(tmp_path):
+    """A run that logged win_rate_a / win_rate_b gets the cross-fitted peak and drop; one without keeps the
+    same-sample ones, and report.md says how many."""
+    a = [0.50, 0.62, 0.58, 0.70, 0.60]
+    b = [0.52, 0.66, 0.64, 0.61, 0.58]
+    crossed = write_run(job(tmp_path, "dpo", 0.1, 0), "dpo", 0.1, 0)
+    with open(job(tmp_path, "dpo", 0.1, 0) / "metrics.jsonl", "w") as f:
+        for row, x, y in zip(crossed, a, b):
+            f.write(json.dumps({**row, "win_rate": (x + y) / 2, "win_rate_a": x, "win_rate_b": y}) + "\n")
+    write_run(job(tmp_path, "dpo", 0.1, 1), "dpo", 0.1, 1)  # no halves
+    runs = {r.seed: r for r in report_runs.load_sweep(tmp_path)}
+    values = report_quantities.run_values(runs[0])
+    # argmax A = 3 -> B[3] = 0.61; argmax B = 1 -> A[1] = 0.62; finals 0.58 (B) and 0.60 (A)
+    assert values["peak_win_rate"] == pytest.approx((0.61 + 0.62) / 2)
+    assert values["drop"] == pytest.approx(((0.61 - 0.58) + (0.62 - 0.60)) / 2)
+    assert (report_quantities.cross_fitted(runs[0]), report_quantities.cross_fitted(runs[1])) == (True, False)
+    result = json.loads((job(tmp_path, "dpo", 0.1, 1) / "result.json").read_text())
+    assert report_quantities.run_values(runs[1])["drop"] == pytest.approx(
+        result["peak"]["win_rate"] - result["final"]["win_rate"])
+    md = report_build.build_report(tmp_path, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
+    assert "**1 of 2 runs have no per-half win rates**" in md

@@ -1,12 +1,13 @@
-"""isdpo.report_stats (bootstrap intervals, pairing, claims) and the report's Statistics / Claims / figure files,
-on hand-written fake run folders with known numbers."""
+"""isdpo.report.stats (t-intervals, Holm, cross-fitting, pairing, claims) and the report's Statistics, Claims and
+figure files, on hand-written fake run folders with known numbers."""
 import csv
-import itertools
 import json
 import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 from isdpo.report import __main__ as report_cli
 from isdpo.report import build as report_build
@@ -14,7 +15,8 @@ from isdpo.report import claims as report_claims
 from isdpo.report import runs as report_runs
 from isdpo.report import stats as report_stats
 from isdpo.report import tables as report_tables
-from isdpo.report.stats import bootstrap_interval, stratified_interval
+from isdpo.report.quantities import CLAIM_QUANTITIES
+from isdpo.report.stats import instances_interval, t_interval
 from tests.hydra_utils import CONF
 from tests.test_report import write_real_run
 
@@ -23,12 +25,6 @@ TRAITS = {  # loss -> (base, importance sampling on, online)
     "dpo": ("dpo", False, False), "isdpo": ("dpo", True, False), "online_dpo": ("dpo", False, True),
     "ipo": ("ipo", False, False), "isipo": ("ipo", True, False), "rpo": ("rpo", False, False),
 }
-
-
-def inverse_cdf(values, q):
-    """The smallest v with P(X <= v) >= q over equally likely ``values`` (what the module documents)."""
-    ordered = sorted(values)
-    return ordered[math.ceil(q * len(ordered) - 1e-12) - 1]
 
 
 def write_fake(root, loss, beta, seed, chain_seed, final, *, kl=1.0, status="completed", is_metrics=True,
@@ -59,62 +55,116 @@ def write_fake(root, loss, beta, seed, chain_seed, final, *, kl=1.0, status="com
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bootstrap intervals
+# Student-t intervals, Holm, cross-fitting
 # ----------------------------------------------------------------------------------------------------------
 
-def test_bootstrap_equals_the_enumerated_distribution():
+def test_t_interval_is_the_textbook_one_sample_t():
     values = [0.0, 1.0, 3.0]
-    means = [sum(t) / 3 for t in itertools.product(values, repeat=3)]  # all 27 resamples, equally likely
-    interval = bootstrap_interval(values)
-    assert interval.exact and interval.resamples == 27
-    assert interval.mean == pytest.approx(4 / 3)
-    assert interval.low == pytest.approx(inverse_cdf(means, 0.025)) == pytest.approx(0.0)
-    assert interval.high == pytest.approx(inverse_cdf(means, 0.975)) == pytest.approx(3.0)
-    two = bootstrap_interval([0.2, 0.6])  # resample means 0.2, 0.4, 0.4, 0.6
-    assert (two.low, two.high) == pytest.approx((0.2, 0.6))
-    # Drawn resamples (forced by a budget below 3^3) approach the enumerated interval's bounds.
-    drawn = bootstrap_interval([0.0, 1.0, 3.0, 3.0, 0.0, 1.0], n_resamples=20_000)
-    enumerated = bootstrap_interval([0.0, 1.0, 3.0, 3.0, 0.0, 1.0], n_resamples=6 ** 6)
-    assert not drawn.exact and enumerated.exact
-    assert drawn.low == pytest.approx(enumerated.low, abs=0.17) and drawn.high == pytest.approx(enumerated.high,
-                                                                                                  abs=0.17)
+    interval = t_interval(values)
+    mean, se = 4 / 3, math.sqrt(((0 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2 + (3 - 4 / 3) ** 2) / 2 / 3)
+    half = 4.302652729911275 * se  # t_{2, 0.975}, from a table
+    assert (interval.mean, interval.low, interval.high) == pytest.approx((mean, mean - half, mean + half))
+    assert (interval.n, interval.df) == (3, 2)
+    scipy_result = scipy_stats.ttest_1samp(values, 0.0)  # an independent implementation of the same test
+    assert interval.p == pytest.approx(scipy_result.pvalue)
+    assert (interval.low, interval.high) == pytest.approx(tuple(scipy_result.confidence_interval(0.95)))
 
 
-def test_bootstrap_contains_the_mean_shrinks_with_n_and_is_deterministic():
-    rng = np.random.default_rng(1)
-    widths = []
-    for n in (5, 20, 200):
-        values = rng.normal(0.6, 0.1, size=n)
-        interval = bootstrap_interval(values)
-        assert interval.low < interval.mean < interval.high and interval.mean == pytest.approx(values.mean())
-        assert bootstrap_interval(values) == interval  # same numbers, same interval
-        widths.append(interval.high - interval.low)
-    assert widths[0] > widths[1] > widths[2]
-    assert widths[2] == pytest.approx(2 * 1.96 * 0.1 / math.sqrt(200), rel=0.25)  # ~ normal theory
-
-
-def test_one_value_nan_and_nothing_give_no_interval():
-    one = bootstrap_interval([0.7, float("nan"), None])
-    assert one.mean == 0.7 and one.n == 1 and not one.defined and one.verdict == "n/a"
+def test_one_value_nan_and_nothing_give_no_interval_and_identical_values_an_exact_one():
+    one = t_interval([0.7, float("nan"), None])
+    assert one.mean == 0.7 and one.n == 1 and not one.defined and one.verdict == "n/a" and math.isnan(one.p)
     assert report_stats.format_interval(one) == "0.700 [n/a]"
-    empty = bootstrap_interval([])
+    empty = t_interval([])
     assert math.isnan(empty.mean) and empty.n == 0
     assert "no interval" in report_stats.claim("beta=0.1", "isdpo", "dpo", "final win rate", one)
+    same = t_interval([0.5, 0.5, 0.5])  # no spread (exactly: 0.5 is a binary fraction): the mean is exact
+    assert (same.low, same.high, same.p, same.verdict) == (0.5, 0.5, 0.0, "excludes zero")
+    assert t_interval([0.0, 0.0]).p == 1.0
 
 
-def test_stratified_interval_on_two_instances_equals_enumeration():
-    a, b = [0.0, 1.0], [2.0, 4.0]
-    pooled = [(sum(x) / 2 + sum(y) / 2) / 2 for x in itertools.product(a, repeat=2)
-              for y in itertools.product(b, repeat=2)]  # 16 equally likely resamples, instances fixed
-    interval = stratified_interval([a, b])
-    assert interval.exact and interval.resamples == 16 and interval.n == 4 and interval.n_strata == 2
-    assert interval.mean == pytest.approx((0.5 + 3.0) / 2)  # mean of the instance means
-    assert (interval.low, interval.high) == pytest.approx((inverse_cdf(pooled, 0.025), inverse_cdf(pooled, 0.975)))
-    assert (interval.low, interval.high) == pytest.approx((1.0, 2.5))
+def test_instances_interval_is_a_t_interval_across_instance_means():
+    strata = [[0.0, 1.0], [2.0, 4.0], [5.0, 5.0, 5.0], [float("nan")]]  # the last has no value: left out
+    interval = instances_interval(strata)
+    across = t_interval([0.5, 3.0, 5.0])
+    assert (interval.mean, interval.low, interval.high, interval.p) == pytest.approx(
+        (across.mean, across.low, across.high, across.p))
+    assert (interval.n, interval.n_strata, interval.df) == (7, 3, 2)
     # Unequal instances: the mean of instance means, not of all values.
-    assert stratified_interval([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0]]).mean == pytest.approx(0.5)
-    # An instance with one seed: no interval (it says nothing about seed-to-seed variation).
-    assert not stratified_interval([[0.0, 1.0], [2.0]]).defined
+    assert instances_interval([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0]]).mean == pytest.approx(0.5)
+    # One instance: nothing to generalise over; its own interval over seeds.
+    assert instances_interval([[0.0, 1.0, 3.0]]) == t_interval([0.0, 1.0, 3.0])
+
+
+def coverage(draw, true_mean, n, reps=4000, seed=0):
+    """Fraction of ``reps`` intervals from ``n`` draws that contain ``true_mean`` (docs/method.md §7 quotes these
+    numbers: same seed, same reps)."""
+    rng = np.random.default_rng(seed)
+    return sum(iv.low <= true_mean <= iv.high for iv in (t_interval(draw(rng, n)) for _ in range(reps))) / reps
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_t_interval_covers_95_percent_of_normal_means(n):
+    measured = coverage(lambda rng, k: rng.normal(0.0, 1.0, k), 0.0, n)
+    assert 0.93 <= measured <= 0.97, measured  # 4000 reps: binomial sd 0.0034 around 0.95
+
+
+def test_t_interval_undercovers_skewed_data_as_documented():
+    """Lognormal(0, 1) values (mean e^0.5): the t-interval covers ~84% at n = 3 and n = 10 (docs/method.md §7)."""
+    for n in (3, 10):
+        measured = coverage(lambda rng, k: rng.lognormal(0.0, 1.0, k), math.exp(0.5), n)
+        assert 0.80 <= measured <= 0.88, (n, measured)
+
+
+def test_holm_by_hand_and_nan_is_no_test():
+    adjusted, rejected = report_stats.holm([0.01, 0.04, 0.03, float("nan")])
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    assert list(rejected) == [True, False, False, False]
+    assert report_stats.holm([])[0].size == 0
+
+
+def test_cross_fit_by_hand():
+    peak, drop = report_stats.cross_fit([0.5, 0.9, 0.6], [0.6, 0.7, 0.8])
+    # argmax A = 1: B there 0.7, B final 0.8; argmax B = 2: A there 0.6, A final 0.6
+    assert peak == pytest.approx((0.7 + 0.6) / 2) and drop == pytest.approx(((0.7 - 0.8) + (0.6 - 0.6)) / 2)
+
+
+FLAT_RUNS, FLAT_POINTS, HALF_PROMPTS = 2000, 26, 500
+
+
+def flat_curves(seed=0):
+    """Win rates of ``FLAT_RUNS`` curves that are flat at 0.7: each of ``FLAT_POINTS`` points measured on two
+    halves of 500 prompts (binomial noise), as evaluate.py's win_rate_a / win_rate_b."""
+    rng = np.random.default_rng(seed)
+    a = rng.binomial(HALF_PROMPTS, 0.7, size=(FLAT_RUNS, FLAT_POINTS)) / HALF_PROMPTS
+    b = rng.binomial(HALF_PROMPTS, 0.7, size=(FLAT_RUNS, FLAT_POINTS)) / HALF_PROMPTS
+    return a, b
+
+
+def test_cross_fitted_drop_of_a_flat_curve_is_zero_and_the_same_sample_drop_is_not():
+    """On a curve without a peak the same-sample drop (max - last of the full win rate) is positive by
+    construction (the max of noise); the cross-fitted drop has mean zero (numbers in docs/method.md §7)."""
+    a, b = flat_curves()
+    crossed = np.array([report_stats.cross_fit(x, y)[1] for x, y in zip(a, b)])
+    full = (a + b) / 2
+    same_sample = full.max(axis=1) - full[:, -1]
+    se_crossed, se_same = crossed.std(ddof=1) / math.sqrt(FLAT_RUNS), same_sample.std(ddof=1) / math.sqrt(FLAT_RUNS)
+    assert abs(crossed.mean()) < 3 * se_crossed, (crossed.mean(), se_crossed)
+    assert same_sample.mean() > 20 * se_same and same_sample.mean() > 0.02, (same_sample.mean(), se_same)
+
+
+def test_cross_fitted_peak_of_a_real_peak_is_close_and_not_above_it():
+    """A curve that rises to 0.8 at point 10 and falls to 0.6: the cross-fitted peak is unbiased for the true value
+    at the chosen point, so on average at most the true maximum (conservative) and near it when the peak is clear."""
+    rng = np.random.default_rng(1)
+    true = np.concatenate([np.linspace(0.6, 0.8, 11), np.linspace(0.78, 0.6, 15)])
+    peaks, drops = [], []
+    for _ in range(1000):
+        a, b = (rng.binomial(HALF_PROMPTS, true) / HALF_PROMPTS for _ in range(2))
+        peak, drop = report_stats.cross_fit(a, b)
+        peaks.append(peak)
+        drops.append(drop)
+    assert 0.78 < np.mean(peaks) < 0.8 and 0.18 < np.mean(drops) < 0.2  # measured: 0.791 and 0.191
 
 
 def test_paired_differences_counts_unpaired_and_nan():
@@ -129,12 +179,13 @@ def test_paired_differences_counts_unpaired_and_nan():
 
 SEEDS = (0, 1, 2, 3)
 DPO_FINAL = {(c, s): 0.55 + 0.03 * s - 0.02 * c for c in (0, 1) for s in SEEDS}
-NOISE = (0.05, -0.05, 0.03, -0.03)  # symmetric: mean zero
+# isipo - ipo per seed: mean +0.01 on chain_seed 0 and -0.01 on chain_seed 1 (pooled: zero), spread far wider
+NOISE = {0: (0.06, -0.04, 0.04, -0.02), 1: (0.04, -0.06, 0.02, -0.04)}
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    """dpo, isdpo (= dpo + 0.1 exactly), ipo, isipo (= ipo + symmetric noise), online_dpo (= dpo - 0.2 on
+    """dpo, isdpo (= dpo + 0.1 exactly), ipo, isipo (= ipo + ``NOISE``), online_dpo (= dpo - 0.2 on
     chain_seed 0, missing seed 3), at beta 0.1, chain_seed 0 and 1, seeds 0-3; plus one failed isdpo run."""
     root = tmp_path_factory.mktemp("stats") / "sweep"
     for c in (0, 1):
@@ -143,7 +194,7 @@ def grid(tmp_path_factory):
             write_fake(root, "dpo", 0.1, s, c, final, kl=1.0 + s)
             write_fake(root, "isdpo", 0.1, s, c, final + 0.1, kl=0.5 + s)
             write_fake(root, "ipo", 0.1, s, c, final)
-            write_fake(root, "isipo", 0.1, s, c, final + NOISE[s])
+            write_fake(root, "isipo", 0.1, s, c, final + NOISE[c][s])
             if s != 3:
                 write_fake(root, "online_dpo", 0.1, s, c, final - 0.2)
     write_fake(root, "isdpo", 0.1, 9, 0, 0.99, status="failed")
@@ -167,31 +218,41 @@ def test_paired_difference_exact_shift_excludes_zero(grid):
         assert row["ci_high"] == pytest.approx(0.1) and row["verdict"] == "excludes zero"
         assert row["n_pairs"] == (8 if instance.startswith("pooled") else 4) and row["n_unpaired"] == 0
     text = claim_of(rows, "isdpo - dpo", "final_win_rate", "chain_seed=1")["claim"]
-    assert text == ("beta=0.1, chain_seed=1: isdpo - dpo final win rate +0.100 [+0.100, +0.100] (4 seeds): "
-                    "the interval excludes zero: isdpo higher")
+    assert text == ("beta=0.1, chain_seed=1: isdpo - dpo final win rate +0.100 [+0.100, +0.100] (4 seeds, "
+                    "p < 0.001): the interval excludes zero: isdpo higher")
+    pooled = claim_of(rows, "isdpo - dpo", "final_win_rate", "pooled over 2")["claim"]
+    assert pooled.startswith("beta=0.1: isdpo - dpo final win rate: higher on 2 of 2 instances (interval above zero "
+                             "on 2, below on 0); pooled +0.100 [+0.100, +0.100] treating instances as random (K=2, "
+                             "p < 0.001)")
     kl = claim_of(rows, "isdpo - dpo", "max_kl", "pooled over 2")
     assert kl["mean"] == pytest.approx(-0.5) and kl["claim"].endswith("dpo higher")
     # The failed isdpo run (seed 9) is neither paired nor counted as unpaired: it is not a result.
     assert all(r["n_unpaired"] == 0 for r in rows if r["comparison"] == "isdpo - dpo")
 
 
-def test_paired_difference_symmetric_noise_includes_zero(grid):
+def test_paired_difference_noise_includes_zero(grid):
     rows = report_claims.claim_rows(report_runs.load_sweep(grid))
-    for instance in ("chain_seed=0", "pooled over 2"):
+    for instance, mean in (("chain_seed=0", 0.01), ("chain_seed=1", -0.01), ("pooled over 2", 0.0)):
         row = claim_of(rows, "isipo - ipo", "final_win_rate", instance)
-        assert row["mean"] == pytest.approx(0.0, abs=1e-12)
+        assert row["mean"] == pytest.approx(mean, abs=1e-12)
         assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "includes zero"
         assert row["claim"].endswith("the interval includes zero: no difference shown")
+        assert not row["survives_holm"] and row["p_holm"] >= row["p"] > 0.05
+    pooled = claim_of(rows, "isipo - ipo", "final_win_rate", "pooled over 2")
+    assert (pooled["n_higher"], pooled["n_lower"], pooled["n_above_zero"], pooled["n_below_zero"]) == (1, 1, 0, 0)
+    assert ": higher on 1 of 2 instances, lower on 1 (interval above zero on 0, below on 0); pooled" in \
+        pooled["claim"]
 
 
 def test_unpaired_runs_are_left_out_and_counted(grid):
     rows = report_claims.claim_rows(report_runs.load_sweep(grid))
     row = claim_of(rows, "online_dpo - dpo", "final_win_rate", "chain_seed=0")
     assert row["n_pairs"] == 3 and row["n_unpaired"] == 1 and row["unpaired"] == "dpo seed 3"
-    assert row["mean"] == pytest.approx(-0.2) and "(3 seeds; 1 unpaired run left out)" in row["claim"]
+    assert row["mean"] == pytest.approx(-0.2) and "(3 seeds, p < 0.001; 1 unpaired run left out)" in row["claim"]
     pooled = claim_of(rows, "online_dpo - isdpo", "final_win_rate", "pooled over 2")
     assert pooled["n_pairs"] == 6 and pooled["n_unpaired"] == 2 and pooled["mean"] == pytest.approx(-0.3)
-    assert "pooled over chain_seed=0, chain_seed=1 (instances fixed)" in pooled["claim"]
+    assert "treating instances as random (K=2, " in pooled["claim"] and "; 2 unpaired runs left out)" in \
+        pooled["claim"]
 
 
 def test_statistics_rows_per_instance_and_pooled(grid):
@@ -201,15 +262,16 @@ def test_statistics_rows_per_instance_and_pooled(grid):
     for c in (0, 1):
         values = [DPO_FINAL[(c, s)] for s in SEEDS]
         row = dpo[f"chain_seed={c}"]
-        expected = bootstrap_interval(values)
+        expected = t_interval(values)
         assert (row["n"], row["seeds"], row["mean"]) == (4, "0 1 2 3", pytest.approx(np.mean(values)))
         assert (row["ci_low"], row["ci_high"]) == (expected.low, expected.high)
     pooled = dpo["pooled over 2"]
     strata = [[DPO_FINAL[(c, s)] for s in SEEDS] for c in (0, 1)]
     assert (pooled["n_instances"], pooled["n"]) == (2, 8)
     assert pooled["mean"] == pytest.approx(np.mean([np.mean(s) for s in strata]))
-    assert (pooled["ci_low"], pooled["ci_high"]) == (stratified_interval(strata).low,
-                                                     stratified_interval(strata).high)
+    across = t_interval([np.mean(s) for s in strata])  # instances a random sample: t across their means
+    assert (pooled["ci_low"], pooled["ci_high"]) == pytest.approx((across.low, across.high))
+    assert (pooled["df"], pooled["interval_over"]) == (1, "instances")
     drop = next(r for r in rows if r["loss"] == "dpo" and r["metric"] == "drop" and r["instance"] == "chain_seed=0")
     assert drop["mean"] == pytest.approx(0.05)  # peak - final, by construction
     max_kl = next(r for r in rows if r["loss"] == "dpo" and r["metric"] == "max_kl"
@@ -224,12 +286,23 @@ def test_report_files_claims_csv_and_figures(grid, tmp_path):
     md = report_build.build_report(grid, out, log=lambda msg: None).read_text()
     with open(out / "claims.csv") as f:
         claims = list(csv.DictReader(f))
-    # 4 comparisons x 5 metrics x (2 instances + pooled)
-    assert len(claims) == 4 * len(report_tables.STAT_QUANTITIES) * 3
+    # 4 comparisons x the claim metrics but the golden reward (these runs log none) x (2 instances + pooled)
+    metrics = [q for q in CLAIM_QUANTITIES if q != "final_golden_reward"]
+    assert len(claims) == 4 * len(metrics) * 3 and {r["metric"] for r in claims} == set(metrics)
     row = next(r for r in claims if r["comparison"] == "isdpo - dpo" and r["metric"] == "final_win_rate"
                and r["level"] == "pooled")
     assert float(row["mean"]) == pytest.approx(0.1) and row["verdict"] == "excludes zero"
     assert row["claim"] in md.split("## Claims")[1]
+    # Holm over the whole family: every claim row with a test, recomputed here with statsmodels.
+    tested = [r for r in claims if r["p"] != "nan"]
+    expected = multipletests([float(r["p"]) for r in tested], alpha=0.05, method="holm")
+    assert [float(r["p_holm"]) for r in tested] == pytest.approx(list(expected[1]))
+    assert [r["survives_holm"] == "True" for r in tested] == list(expected[0])
+    assert f"Holm's correction over the family of all {len(tested)} claims" in md
+    survivor = next(r for r in claims if r["survives_holm"] == "True")
+    assert f"- {survivor['claim']} — **✓ survives Holm" in md
+    loser = next(r for r in claims if r["survives_holm"] == "False" and r["p"] != "nan")
+    assert f"- {loser['claim']} — ✗ not after Holm" in md
     with open(out / "stats.csv") as f:
         stats = list(csv.DictReader(f))
     assert {r["level"] for r in stats} == {"instance", "pooled"}
@@ -265,7 +338,8 @@ def test_one_seed_runs_missing_metrics_and_nan(tmp_path):
     summary = {r["loss"]: r for r in report_tables.summarise(report_runs.load_sweep(tmp_path))}
     assert summary["isdpo"]["final_win_rate_n"] == 1 and summary["isdpo"]["final_win_rate_mean"] == 0.7
     assert math.isnan(summary["isdpo"]["final_win_rate_ci_low"])
-    claim = next(r for r in report_claims.claim_rows(report_runs.load_sweep(tmp_path)) if r["metric"] == "final_win_rate")
+    claim = next(r for r in report_claims.claim_rows(report_runs.load_sweep(tmp_path))
+                 if r["metric"] == "final_win_rate")
     assert claim["n_pairs"] == 1 and claim["verdict"] == "n/a" and "no interval" in claim["claim"]
     assert "n/a" in md and not (out / "is_diagnostics_synthetic.png").exists()  # no run logs IS weights
 
@@ -282,13 +356,18 @@ def test_nan_final_is_left_out(tmp_path):
     assert row["final_win_rate_n"] == 2 and row["final_win_rate_mean"] == pytest.approx(0.55)
 
 
+def names(pairs):
+    """Compared arms as (a, b) loss names."""
+    return [(a.name, b.name) for a, b in pairs]
+
+
 def test_comparisons_from_the_loss_config_and_the_name_fallback(tmp_path):
     # Config first: an importance-sampled loss named freely is compared with the loss of its loss.base.
     TRAITS["weighted"] = ("ipo", True, False)
     try:
         for loss in ("dpo", "ipo", "weighted", "rpo", "online_dpo", "isdpo"):
             write_fake(tmp_path / "a", loss, 0.1, 0, 0, 0.6)
-        assert report_claims.comparisons(report_runs.load_sweep(tmp_path / "a")) == [
+        assert names(report_claims.comparisons(report_runs.load_sweep(tmp_path / "a"))) == [
             ("isdpo", "dpo"), ("weighted", "ipo"), ("online_dpo", "dpo"), ("online_dpo", "isdpo")]
     finally:
         del TRAITS["weighted"]
@@ -296,7 +375,7 @@ def test_comparisons_from_the_loss_config_and_the_name_fallback(tmp_path):
     for loss in ("dpo", "isdpo"):
         folder = write_fake(tmp_path / "b", loss, 0.1, 0, 0, 0.6)
         (folder / ".hydra" / "config.yaml").unlink()
-    assert report_claims.comparisons(report_runs.load_sweep(tmp_path / "b")) == [("isdpo", "dpo")]
+    assert names(report_claims.comparisons(report_runs.load_sweep(tmp_path / "b"))) == [("isdpo", "dpo")]
 
 
 def test_instance_key_flag(grid, tmp_path):
@@ -324,7 +403,7 @@ def test_comparisons_and_pairs_with_composed_configs(tmp_path):
     runs = report_runs.load_sweep(tmp_path)
     expected = [("isdpo", "dpo"), ("isipo", "ipo")] + ([("online_dpo", "dpo"), ("online_dpo", "isdpo")]
                                                        if online else [])
-    assert report_claims.comparisons(runs) == expected
+    assert names(report_claims.comparisons(runs)) == expected
     rows = [r for r in report_claims.claim_rows(runs) if r["metric"] == "final_win_rate"]
     assert [(r["comparison"], r["n_pairs"], r["n_unpaired"]) for r in rows] == [
         (f"{a} - {b}", 2, 0) for a, b in expected]
@@ -361,3 +440,48 @@ def test_a_long_legend_does_not_squash_the_panels(tmp_path):
     fig.canvas.draw()
     (ax,) = [a for a in fig.axes if a.get_xlabel()]
     assert ax.get_window_extent().height / fig.dpi >= 0.5 * FIG_HEIGHT_IN
+
+
+def test_a_clip_free_arm_is_its_own_series_and_compared_with_its_base(tmp_path):
+    """loss=isdpo with loss.importance_sampling.log_clip=null beside loss=isdpo and loss=dpo (composed configs):
+    its own row, series and claims against dpo; dpo's label carries no importance-sampling setting (it has none
+    switched on), its table cell says so."""
+    for seed in (0, 1):
+        write_real_run(tmp_path, ["loss=dpo", f"seed={seed}"], tag="")
+        write_real_run(tmp_path, ["loss=isdpo", f"seed={seed}"], tag="")
+        write_real_run(tmp_path, ["loss=isdpo", "loss.importance_sampling.log_clip=null", f"seed={seed}"],
+                       tag="noclip")
+    runs = report_runs.load_sweep(tmp_path)
+    assert {r.series for r in runs} == {"dpo", "isdpo, log_clip=2", "isdpo, log_clip=null"}
+    clip = "loss.importance_sampling.log_clip"
+    assert [(r["loss"], r[clip], r["n_seeds"]) for r in report_tables.summarise(runs)] == [
+        ("dpo", "(IS off)", 2), ("isdpo", "2", 2), ("isdpo", "null", 2)]
+    assert names(report_claims.comparisons(runs)) == [("isdpo", "dpo")]
+    rows = [r for r in report_claims.claim_rows(runs) if r["metric"] == "final_win_rate"]
+    assert [(r["comparison"], r["n_pairs"], r["n_unpaired"]) for r in rows] == [
+        ("isdpo, log_clip=2 - dpo", 2, 0), ("isdpo, log_clip=null - dpo", 2, 0)]
+
+
+def test_online_and_importance_sampling_are_read_from_the_config(tmp_path):
+    """An online loss named freely (a conf/loss/online_ipo.yaml: loss.online=true, base ipo) is compared with the
+    offline and importance-sampled losses of its base; loss=ipo loss.online=true, the same name as the offline
+    ipo runs, is another arm (the config says so, not the name)."""
+    TRAITS["online_ipo"] = ("ipo", False, True)
+    try:
+        for loss in ("dpo", "ipo", "isipo", "online_ipo"):
+            write_fake(tmp_path / "a", loss, 0.1, 0, 0, 0.6)
+        runs = report_runs.load_sweep(tmp_path / "a")
+        assert report_runs.loss_traits(next(r for r in runs if r.loss == "online_ipo")) == (False, True, "ipo")
+        assert names(report_claims.comparisons(runs)) == [("isipo", "ipo"), ("online_ipo", "ipo"),
+                                                          ("online_ipo", "isipo")]
+    finally:
+        del TRAITS["online_ipo"]
+    for seed in (0, 1):
+        write_real_run(tmp_path / "b", ["loss=ipo", f"seed={seed}"], tag="")
+        write_real_run(tmp_path / "b", ["loss=ipo", "loss.online=true", f"seed={seed}"], tag="online")
+    runs = report_runs.load_sweep(tmp_path / "b")
+    (pair,) = report_claims.comparisons(runs)
+    assert [(arm.name, arm.online, arm.weighted, arm.base) for arm in pair] == [("ipo", True, False, "ipo"),
+                                                                                ("ipo", False, False, "ipo")]
+    rows = [r for r in report_claims.claim_rows(runs) if r["metric"] == "final_win_rate"]
+    assert [(r["comparison"], r["n_pairs"]) for r in rows] == [("ipo, online=true - ipo, online=false", 2)]

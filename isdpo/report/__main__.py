@@ -1,5 +1,5 @@
-"""Report of a sweep: tables (Markdown, CSV), statistics with bootstrap intervals, paired claims, figures (PNG
-and SVG) and a list of failed runs.
+"""Report of a sweep: tables (Markdown, CSV), statistics with Student-t intervals, paired claims with Holm's
+correction, figures (PNG and SVG) and a list of failed runs.
 
     python -m isdpo.report <sweep dir> [--out DIR] [--instance-key KEY] [--wandb-project ENTITY/PROJECT] [--seeds]
 """
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from isdpo.report.build import build_report
+from isdpo.report.build import NoRuns, build_report
 from isdpo.report.runs import INSTANCE_KEY
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args.sweep, args.out, args.wandb_project, show_seeds=args.seeds and not args.no_seeds,
                               figures=not args.no_figures, instance_key=args.instance_key)
-    except FileNotFoundError as err:
+    except NoRuns as err:
         print(f"[report] {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only sweep folder, a full disk: say where, not a traceback
+        where = err.filename or args.out or args.sweep / "report"
+        print(f"[report] cannot write the report: {err.strerror or err} ({where}); write it elsewhere with "
+              "--out DIR", file=sys.stderr)
+        return 1
     print(f"[report] wrote {report}")
     return 0
 

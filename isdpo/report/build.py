@@ -5,10 +5,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from isdpo.report.claims import claim_rows, claims_markdown
+from isdpo.report.claims import claim_rows, claims_markdown, claims_note
+from isdpo.report.files import write_text
 from isdpo.report.plots import FIGURE_KEYS, FIGURES, PER_INSTANCE_FIGURES, save_figure, series_colours, svg_path
-from isdpo.report.runs import INSTANCE_KEY, Run, load_sweep
-from isdpo.report.stats import N_RESAMPLES, interval_note
+from isdpo.report.quantities import cross_fitted
+from isdpo.report.runs import HYDRA_CONFIG, INSTANCE_KEY, METRICS, RESULT, Run, load_sweep
+from isdpo.report.stats import interval_note
 from isdpo.report.tables import markdown_table, md_escape, run_rows, setting_columns, statistics_markdown, \
     statistics_rows, summarise, write_csv
 from isdpo.report.wandb import fetch_wandb, wandb_markdown
@@ -42,6 +44,10 @@ def make_figures(runs: list[Run], out: Path, show_seeds: bool = False) -> dict[s
     return pngs
 
 
+class NoRuns(Exception):
+    """The sweep folder holds no run folder."""
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
@@ -51,12 +57,12 @@ def statistics_section(stats: list[dict], claims: list[dict], instance_key: str 
     if not stats:
         return []
     md = ["## Statistics", "",
-          f"Mean [95% interval] per configuration and task instance (`{instance_key}`), then pooled over "
-          "instances: the mean of the instance means, its interval from a stratified bootstrap (seeds resampled "
-          f"within each instance, instances fixed). Intervals: {interval_note()}; pooled: "
-          f"{N_RESAMPLES:,} stratified resamples (all of them when fewer). Final = last evaluation point, peak = "
-          "evaluation point of highest golden win rate, max KL over the whole curve (metrics.jsonl). Failed "
-          "runs are not in these numbers (listed below).", ""]
+          f"Mean [95% interval] per configuration and task instance (`{instance_key}`): {interval_note()}. Then "
+          "pooled over instances, treating them as a random sample of the task's instances: the mean of the "
+          "instance means and the Student-t interval across the K instance means (df K − 1), so with few "
+          "instances it is wide. Final = last evaluation point; peak = cross-fitted (module `quantities`, "
+          "docs/method.md §7); max KL over the whole curve (metrics.jsonl). Failed runs are not in these numbers "
+          "(listed below).", ""]
     for task in sorted({r["task"] for r in stats}):
         rows = [r for r in stats if r["task"] == task]
         several = any(r["level"] == "pooled" and r["n_instances"] > 1 for r in rows)
@@ -65,10 +71,12 @@ def statistics_section(stats: list[dict], claims: list[dict], instance_key: str 
         if several:
             md += ["Pooled over instances:", "", statistics_markdown(rows, "pooled", instance_key), ""]
     md += ["## Claims", "",
-           "Paired differences a − b: runs paired by instance, seed, β and every other setting; the mean "
-           "difference and its 95% bootstrap interval over the pairs (pooled: stratified by instance). Runs "
-           "without a partner are left out and counted. An interval that excludes zero shows a difference at "
-           "this level (no correction for the many comparisons made).", ""]
+           "Paired differences a − b: runs paired by instance, seed, β and every other setting. Per instance: the "
+           "mean difference over seeds, its 95% t-interval and the two-sided p-value of the same t statistic. "
+           "Pooled: on how many instances a is higher, then the mean of the instance mean differences with the "
+           "t-interval across instances (df K − 1). Runs without a partner are left out and counted. "
+           + (claims_note(claims) + " A claim that does not survive may still be true: the sweep did not show it "
+              "with the family-wise error held at 5%." if claims else ""), ""]
     if not claims:
         md += ["No comparison: the sweep has no importance-sampled or online loss together with its base.", ""]
     for task in sorted({r["task"] for r in claims}):
@@ -86,19 +94,18 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
     """
     sweep = Path(sweep)
     out = Path(out) if out else sweep / "report"
-    out.mkdir(parents=True, exist_ok=True)
     runs = load_sweep(sweep, exclude=out, instance_key=instance_key)
-    if not runs:
-        raise FileNotFoundError(f"no runs under {sweep} (no result.json, metrics.jsonl or .hydra/config.yaml)")
+    if not runs:  # before creating ``out``: no empty report folder is left behind
+        raise NoRuns(f"no runs under {sweep} (no {RESULT}, {METRICS} or {HYDRA_CONFIG})")
+    out.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(r.status == s for r in runs) for s in ("completed", "incomplete", "failed", "duplicate")}
     log(f"[report] {len(runs)} runs under {sweep}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
 
     summary = summarise(runs)
-    write_csv(out / "summary.csv", summary) if summary else (out / "summary.csv").write_text("")
-    write_csv(out / "runs.csv", run_rows(runs))
     stats, claims = statistics_rows(runs, instance_key), claim_rows(runs, instance_key)
-    for name, rows in (("stats.csv", stats), ("claims.csv", claims)):
-        write_csv(out / name, rows) if rows else (out / name).write_text("")
+    for name, rows in (("summary.csv", summary), ("runs.csv", run_rows(runs)), ("stats.csv", stats),
+                       ("claims.csv", claims)):
+        write_csv(out / name, rows)
     pngs = make_figures(runs, out, show_seeds=show_seeds) if figures else {}
 
     experiments = sorted({str(r.result.get("experiment")) for r in runs if r.ok and r.result.get("experiment")})
@@ -110,15 +117,23 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
     if counts["completed"] == 0:
         md += ["**No completed run: no table and no figure.**", ""]
     settings_note = (" Columns in `code` are the settings, besides loss, β and seed, that differ between runs "
-                     "(from `.hydra/config.yaml`, as written): one row per configuration; – = not in that run's "
-                     "config, ? = run without a config." if setting_columns(summary) else "")
+                     "(from the run's own `run_config.json`, else `.hydra/config.yaml`; interpolations as written): "
+                     "one row per configuration; – = not in that run's config, ? = run without a config, (IS off) = "
+                     "an importance-sampling setting of a run without importance sampling." if setting_columns(summary)
+                     else "")
+    done = [r for r in runs if r.ok and any("win_rate" in row for row in r.metrics)]
+    biased = [r for r in done if not cross_fitted(r)]
+    peak_note = (f" **{len(biased)} of {len(done)} runs have no per-half win rates** (`win_rate_a`/`_b`: older "
+                 "code): their peak and peak − final are the same-sample ones, biased upwards." if biased else "")
     for task in sorted({row["task"] for row in summary}):
         md += [f"## Task `{task or '?'}`", "",
-               "Mean ± sample standard deviation over seeds, from each run's `result.json` "
-               "(final = last evaluation point, peak = evaluation point of highest golden win rate, or without "
-               "one of highest held-out accuracy; held-out = the pair metrics on held-out pairs). "
-               "Peak − final win rate is the over-optimization indicator: large means the policy got worse "
-               "after its best point. Bold: best final win rate at that β." + settings_note, "",
+               "Mean ± sample standard deviation over seeds, from each run's `result.json` and curve "
+               "(final = last evaluation point; peak win rate and golden reward cross-fitted: the step of the "
+               "maximum picked on one half of the evaluation prompts, its value read on the other half, both ways "
+               "averaged, so evaluation noise does not inflate the peak; step of peak = that of the highest full "
+               "win rate, or without one of the highest held-out accuracy; held-out = the pair metrics on held-out "
+               "pairs). Peak − final win rate is the over-optimization indicator: large means the policy got "
+               "worse after its best point. Bold: best final win rate at that β." + settings_note + peak_note, "",
                f"95% CI: {interval_note()}.", "",
                markdown_table([row for row in summary if row["task"] == task]), ""]
         for path, caption in pngs.get(task, []):
@@ -156,11 +171,11 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
            "- `stats.csv`: the Statistics tables, one row per configuration × instance (level `instance`) or "
            "configuration pooled over instances (level `pooled`) × metric",
            "- `claims.csv`: the Claims, one row per comparison × context × instance or pooled × metric "
-           "(mean paired difference, interval, verdict, the sentence)"]
+           "(mean paired difference, t-interval, p, Holm-adjusted p, whether it survives Holm, verdict, the "
+           "sentence)"]
     md += [f"- `{path.name}`, `{svg_path(path).name}`: {caption.split('.')[0]}"
            for task in sorted(pngs) for path, caption in pngs[task]] + [""]
-    report = out / "report.md"
-    report.write_text("\n".join(md))
+    report = write_text(out / "report.md", "\n".join(md))
     if problems:
         log(f"[report] {len(problems)} run(s) not completed, listed in report.md")
     return report

@@ -1,4 +1,5 @@
-"""Figures of a sweep report: over-optimization, training curves, win rate against beta, IS diagnostics.
+"""Figures of a sweep report: over-optimization (win rate and golden reward against sqrt KL), training curves,
+win rate against beta, IS diagnostics.
 
 Every function takes the completed runs of one task (``isdpo.report.runs.Run``), a series -> colour mapping
 (``series_colours``, shared by all figures so a series has the same colour everywhere) and returns the
@@ -6,15 +7,16 @@ matplotlib ``Figure`` it drew (or None: nothing to draw), so callers and tests c
 
 A series is one configuration pooled over task instances (``series_label``: ``Run.method``, the loss plus the
 swept settings other than the instance key, e.g. "isdpo, log_clip=0.5"). Panels: one column per beta; with
-``per_instance=True`` one row per task instance (``Run.instance``). Bands and error bars are 95% percentile
-bootstrap intervals (``isdpo.report.stats``): over seeds; pooled over instances, of the mean of instance means
-with seeds resampled within each instance. What the panels hold:
+``per_instance=True`` one row per task instance (``Run.instance``). Bands and error bars are 95% Student-t
+intervals (``isdpo.report.stats``, the tables' intervals): over seeds; pooled over instances, across the instance
+means (instances a random sample, df K - 1). What the panels hold:
 
-- win rate against sqrt KL: every evaluation point (small, translucent; rasterized in the SVG) and per series
-  the mean win rate in equal-count bins of sqrt KL over that series' points, with its band; one x-range;
+- win rate (golden reward) against sqrt KL: every evaluation point (small, translucent; rasterized in the SVG)
+  and per series the mean in equal-count bins of sqrt KL over that series' points, with its band; one x-range;
 - against step: per series the mean at each evaluation step every run of the series has, with its band, a
   marker on the last point, thin per-seed lines with ``show_seeds=True``; shared axes;
-- against beta: final and peak win rate with their intervals as error bars;
+- against beta: final and peak win rate (the tables' numbers: the peak cross-fitted) with their intervals as
+  error bars;
 - IS diagnostics: the held-out pairs' importance weights under the current policy against step;
 - win-rate figures: a dashed line at 0.5 (the reference policy's win rate against itself).
 """
@@ -28,7 +30,9 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 
-from isdpo.report.stats import binned_curve, default_bins, stratified_interval
+from isdpo.report.files import atomic_path
+from isdpo.report.quantities import run_values
+from isdpo.report.stats import binned_curve, default_bins, instances_interval
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -52,16 +56,14 @@ KNOWN_LOSS_COLOURS = {
     "simpo": "tab:gray",
     "sft": "black",
 }
-_SPARE_COLOURS = ["#e6ab02", "#1b9e77", "#7570b3", "#66a61e", "#a6761d", "#e7298a", "#386cb0", "#666666"]
+# #e6ab02 last: next to online_dpo's goldenrod it reads as the same colour
+_SPARE_COLOURS = ["#1b9e77", "#7570b3", "#66a61e", "#a6761d", "#e7298a", "#386cb0", "#666666", "#e6ab02"]
 
 #: Size of every figure: inches per panel (width) and height, and the resolution.
 PANEL_WIDTH_IN = 5.2
 FIG_HEIGHT_IN = 4.0
 DPI = 110
-#: Bootstrap resamples behind a figure's bands (the tables use ``stats.N_RESAMPLES``): a band needs less
-#: precision than a reported interval, and a figure draws hundreds of them.
-FIGURE_RESAMPLES = 2000
-BAND_TEXT = "95% band (bootstrap over seeds)"
+BAND_TEXT = "95% band (t-interval over seeds; pooled: over instance means)"
 
 
 def loss_order(losses: Sequence[str]) -> list[str]:
@@ -113,13 +115,17 @@ def svg_path(png: Path) -> Path:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as PNG at ``DPI`` (no tight bounding box: ``figure_size`` at ``DPI`` plus the legend's height) and as SVG beside
-    it (``svg_path``; scatter points are rasterized in it), close it and return the PNG's path."""
+    """Write ``fig`` as PNG at ``DPI`` (no tight bounding box: ``figure_size`` at ``DPI`` plus the legend's height)
+    and as SVG beside it (``svg_path``; scatter points are rasterized in it), each atomically
+    (``files.atomic_path``), close it and return the PNG's path."""
     path = Path(path).with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
-    fig.savefig(svg_path(path), dpi=2 * DPI, format="svg")
-    plt.close(fig)
+    try:
+        for target, dpi, fmt in ((path, DPI, "png"), (svg_path(path), 2 * DPI, "svg")):
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, dpi=dpi, format=fmt)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -164,17 +170,15 @@ def sqrt_kl(row: dict) -> float:
     return math.sqrt(max(value(row, "kl"), 0.0)) if math.isfinite(value(row, "kl")) else math.nan
 
 
-def step_curve(runs, key: str, n_resamples: int = FIGURE_RESAMPLES) -> tuple[list, np.ndarray, np.ndarray,
-                                                                               np.ndarray]:
+def step_curve(runs, key: str) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, mean, band low, band high) of metric ``key`` over ``runs`` at the evaluation steps where every run
-    has a finite value: the mean of the instance means and its stratified bootstrap interval (one instance: the
-    mean over seeds and its bootstrap interval; one run: no band)."""
+    has a finite value: the mean of the instance means and its t-interval across them (one instance: the mean over
+    seeds and its t-interval; one run: no band)."""
     per_run = [{row["step"]: value(row, key) for row in run.metrics if math.isfinite(value(row, key))}
                for run in runs]
     steps = sorted(set.intersection(*(set(rows) for rows in per_run))) if per_run else []
     strata = _strata(runs)
-    intervals = [stratified_interval([[per_run[i][s] for i in idx] for idx in strata], n_resamples=n_resamples)
-                 for s in steps]
+    intervals = [instances_interval([[per_run[i][s] for i in idx] for idx in strata]) for s in steps]
     return (steps, np.array([iv.mean for iv in intervals]), np.array([iv.low for iv in intervals]),
             np.array([iv.high for iv in intervals]))
 
@@ -276,6 +280,21 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
     series, the mean win rate in equal-count bins of sqrt KL with its 95% band; one panel per beta (one row per
     instance with ``per_instance``), one x-range for all panels. ``show_seeds`` is unused: the points are the
     seeds."""
+    return _against_sqrt_kl(runs, colours, "win_rate", "golden win rate vs reference",
+                            f"Over-optimization: win rate against √KL{_task(task)}", 0.5, per_instance)
+
+
+def plot_golden_reward_vs_sqrt_kl(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True,
+                                  per_instance: bool = False) -> Figure:
+    """The mean golden reward of the policy's samples against sqrt(KL(pi || pi_ref)), drawn as
+    ``plot_overoptimization`` draws the win rate."""
+    return _against_sqrt_kl(runs, colours, "golden_reward", "golden reward (mean over samples)",
+                            f"Over-optimization: golden reward against √KL{_task(task)}", None, per_instance)
+
+
+def _against_sqrt_kl(runs, colours: dict[str, str], key: str, ylabel: str, title: str, reference_y: float | None,
+                     per_instance: bool) -> Figure:
+    """Metric ``key`` against sqrt KL: every evaluation point, per series the binned mean and its band."""
     rows, betas, order = _instance_rows(runs, per_instance), sorted({r.beta for r in runs}), series_order(runs)
     fig, axes = _grid(len(rows), len(betas))
     drawn: list[str] = []
@@ -286,29 +305,30 @@ def plot_overoptimization(runs, colours: dict[str, str], task: str = "", show_se
             ax, per_series = axes[i][j], grouped.get(beta, {})
             for label in [s for s in order if s in per_series]:
                 colour = colours[label]
-                points = [(sqrt_kl(row), value(row, "win_rate")) for run in per_series[label] for row in run.metrics]
+                points = [(sqrt_kl(row), value(row, key)) for run in per_series[label] for row in run.metrics]
                 x = np.array([p[0] for p in points], dtype=float)
                 y = np.array([p[1] for p in points], dtype=float)
                 ok = np.isfinite(x) & np.isfinite(y)
                 x_max = max([x_max, *x[ok].tolist()])
                 ax.scatter(x[ok], y[ok], s=6, color=colour, alpha=0.22, linewidths=0, rasterized=True,
                            label="_points")
-                bx, by, low, high = binned_curve(x, y, default_bins(int(ok.sum())), n_resamples=FIGURE_RESAMPLES)
+                bx, by, low, high = binned_curve(x, y, default_bins(int(ok.sum())))
                 ax.fill_between(bx, low, high, color=colour, alpha=0.2, linewidth=0, label="_band")
                 ax.plot(bx, by, color=colour, linewidth=2.0, marker="o", markersize=3.5, zorder=3, label=label)
                 drawn += [label] if label not in drawn else []
-            ax.axhline(0.5, color="0.5", linestyle="--", linewidth=0.9, label="_reference")
+            if reference_y is not None:
+                ax.axhline(reference_y, color="0.5", linestyle="--", linewidth=0.9, label="_reference")
             _panel_title(ax, beta, instance, per_series, order)
-            _style(ax, "√KL(π‖π_ref)  (k3 estimate)", "golden win rate vs reference")
+            _style(ax, "√KL(π‖π_ref)  (k3 estimate)", ylabel)
     for ax in (a for row in axes for a in row):  # once, after every panel: set_xlim stops autoscaling
         ax.set_xlim(0.0, 1.03 * x_max if x_max > 0 else 1.0)
     handles = [Line2D([], [], color=colours[label], linewidth=2.0, marker="o", markersize=3.5,
                       label=f"{label} (binned mean)") for label in order if label in drawn]
-    handles += [Patch(color="0.4", alpha=0.25, label="95% band of the bin mean (bootstrap over its points)"),
+    handles += [Patch(color="0.4", alpha=0.25, label="95% band of the bin mean (t-interval over its points)"),
                 Line2D([], [], color="0.4", linestyle="none", marker="o", markersize=3, alpha=0.4,
-                       label="one evaluation (run, step)"),
-                _reference_handle(0.5)]
-    return _finish(fig, handles, f"Over-optimization: win rate against √KL{_task(task)}", len(betas))
+                       label="one evaluation (run, step)")]
+    handles += [_reference_handle(reference_y)] if reference_y is not None else []
+    return _finish(fig, handles, title, len(betas))
 
 
 def plot_win_rate_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True,
@@ -317,6 +337,14 @@ def plot_win_rate_vs_step(runs, colours: dict[str, str], task: str = "", show_se
     return _step_figure(runs, colours, key="win_rate", ylabel="golden win rate vs reference",
                         title=f"Golden win rate during training{_task(task)}", show_seeds=show_seeds,
                         reference_y=0.5, per_instance=per_instance)
+
+
+def plot_golden_reward_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True,
+                               per_instance: bool = False) -> Figure:
+    """The mean golden reward of the policy's samples against training step, one panel per beta."""
+    return _step_figure(runs, colours, key="golden_reward", ylabel="golden reward (mean over samples)",
+                        title=f"Golden reward during training{_task(task)}", show_seeds=show_seeds,
+                        per_instance=per_instance)
 
 
 def plot_kl_vs_step(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True,
@@ -344,16 +372,11 @@ def plot_eval_accuracy_vs_step(runs, colours: dict[str, str], task: str = "", sh
                         per_instance=per_instance)
 
 
-def _result_point(run, which: str, key: str) -> float:
-    row = (run.result or {}).get(which)
-    return value(row, key) if isinstance(row, dict) else math.nan
-
-
 def plot_win_rate_vs_beta(runs, colours: dict[str, str], task: str = "", show_seeds: bool = True,
                           per_instance: bool = False) -> Figure:
-    """Final and peak golden win rate (``result.json``) against beta, per series: the mean with its 95% interval
-    as error bars (pooled: mean of instance means, stratified bootstrap; the tables' numbers). One row per
-    instance with ``per_instance``. A point without a bar (open marker) has one seed."""
+    """Final and peak golden win rate against beta, per series: the mean with its 95% interval as error bars (the
+    tables' numbers: the peak cross-fitted; pooled, the mean of instance means with the t-interval across them).
+    One row per instance with ``per_instance``. A point without a bar (open marker) has one seed."""
     rows, betas, order = _instance_rows(runs, per_instance), sorted({r.beta for r in runs}), series_order(runs)
     fig, axes = _grid(len(rows), 2, sharex=True, sharey=True)
     log_x = all(b > 0 for b in betas)
@@ -369,8 +392,8 @@ def plot_win_rate_vs_beta(runs, colours: dict[str, str], task: str = "", show_se
                     group = grouped.get(beta, {}).get(label)
                     if not group:
                         continue
-                    values = [_result_point(run, which, "win_rate") for run in group]
-                    iv = stratified_interval([[values[n] for n in idx] for idx in _strata(group)])
+                    values = [run_values(run)[f"{which}_win_rate"] for run in group]
+                    iv = instances_interval([[values[n] for n in idx] for idx in _strata(group)])
                     if math.isnan(iv.mean):
                         continue
                     x = beta * 10 ** offset if log_x else beta + offset
@@ -434,19 +457,25 @@ def _task(task: str) -> str:
     return f" — task {task}" if task else ""
 
 
-_STEP_BAND = ("Band: 95% percentile bootstrap interval of the mean over seeds at each step (pooled over instances: "
-              f"of the mean of instance means, seeds resampled within each instance; {FIGURE_RESAMPLES:,} resamples "
-              "or all of them when fewer).")
+_STEP_BAND = ("Band: 95% Student-t interval of the mean over seeds at each step (pooled over instances: of the mean "
+              "of instance means, t across the instance means, df K - 1).")
 
 #: The figures of a report: file stem -> (plot function, caption). The plot function may return None (nothing to
 #: draw).
 FIGURES = {
     "overopt": (plot_overoptimization,
                 "Over-optimization: golden win rate against √KL(π‖π_ref). Dots: every evaluation point (run, step); "
-                "line: mean win rate in equal-count bins of √KL over each method's points, with the 95% bootstrap "
+                "line: mean win rate in equal-count bins of √KL over each method's points, with the 95% t-interval "
                 "band of the bin mean (points treated as independent). A curve that rises then falls while √KL "
                 "keeps growing is over-optimization."),
+    "overopt_golden_reward": (plot_golden_reward_vs_sqrt_kl,
+                              "Over-optimization in golden reward: the mean golden reward of the policy's samples "
+                              "against √KL(π‖π_ref). Dots: every evaluation point (run, step); line: mean golden "
+                              "reward in equal-count bins of √KL over each method's points, with the 95% t-interval "
+                              "band of the bin mean (points treated as independent)."),
     "win_rate_vs_step": (plot_win_rate_vs_step, "Golden win rate against training step. " + _STEP_BAND),
+    "golden_reward_vs_step": (plot_golden_reward_vs_step,
+                              "Mean golden reward of the policy's samples against training step. " + _STEP_BAND),
     "kl_vs_step": (plot_kl_vs_step, "KL(π‖π_ref) (k3 estimate) against training step. " + _STEP_BAND),
     "eval_loss_vs_step": (plot_eval_loss_vs_step,
                           "The training loss on held-out pairs against training step. " + _STEP_BAND),
@@ -454,9 +483,10 @@ FIGURES = {
                               "Held-out preference accuracy (implicit reward of chosen > of rejected) against "
                               "training step. " + _STEP_BAND),
     "win_rate_vs_beta": (plot_win_rate_vs_beta,
-                         "Final and peak golden win rate (result.json) against β: mean and 95% interval (the "
-                         "Statistics tables' numbers: bootstrap over seeds; pooled over instances, the mean of "
-                         "instance means with seeds resampled within each instance)."),
+                         "Final and peak golden win rate against β: mean and 95% interval (the Statistics tables' "
+                         "numbers: the peak cross-fitted on the evaluation's two halves where the runs logged them; "
+                         "Student-t over seeds; pooled over instances, the mean of instance means with the t-interval "
+                         "across them)."),
     "is_diagnostics": (plot_is_diagnostics,
                        "Held-out pairs' importance weights under the current policy, for every method (they are "
                        "computed on the held-out pairs whatever the loss): effective sample size / n, fraction of "
@@ -464,10 +494,12 @@ FIGURES = {
 }
 
 #: The metrics.jsonl keys each figure draws: a run enters a figure when some of its rows have them.
-FIGURE_KEYS = {"overopt": ("win_rate", "kl"), "win_rate_vs_step": ("win_rate",), "kl_vs_step": ("kl",),
+FIGURE_KEYS = {"overopt": ("win_rate", "kl"), "overopt_golden_reward": ("golden_reward", "kl"),
+               "win_rate_vs_step": ("win_rate",), "golden_reward_vs_step": ("golden_reward",), "kl_vs_step": ("kl",),
                "eval_loss_vs_step": ("loss",), "eval_accuracy_vs_step": ("rewards/accuracies",),
                "win_rate_vs_beta": ("win_rate",), "is_diagnostics": ()}
 
 #: The figures that also get a per-instance variant (one row of panels per task instance) when the sweep has
 #: more than one instance.
-PER_INSTANCE_FIGURES = ("overopt", "win_rate_vs_step", "kl_vs_step", "win_rate_vs_beta")
+PER_INSTANCE_FIGURES = ("overopt", "overopt_golden_reward", "win_rate_vs_step", "golden_reward_vs_step", "kl_vs_step",
+                        "win_rate_vs_beta")

@@ -1,5 +1,12 @@
-"""A sweep's runs: discovery, reading each run folder (config, overrides, result, metrics), classifying it
-(completed / incomplete / failed / duplicate) and the variants (the settings that differ between runs)."""
+"""A sweep's runs: discovery, reading each run folder (its config, result, metrics), classifying it (completed /
+incomplete / failed / duplicate), what its loss is (importance-sampled, online, base) and the variants (the
+settings that differ between runs).
+
+A run's config is what the run itself recorded, ``run_config.json`` (written by ``isdpo.run_guard`` when the run
+started; a rerun that the guard refuses leaves it alone), completed by ``.hydra/config.yaml`` for the keys the
+record leaves out (where and how the run was written); a run without the record is read from ``.hydra`` alone.
+Hydra rewrites ``.hydra`` before the project can refuse a rerun, so ``.hydra`` alone could relabel an old run.
+"""
 from __future__ import annotations
 
 import json
@@ -14,8 +21,14 @@ import yaml  # PyYAML, a dependency of omegaconf
 
 from isdpo.schema import default_of, flatten
 
+# A run folder's files (``isdpo.artifacts`` has the same names; the report does not import the training stack)
 RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
     ".hydra/overrides.yaml"
+RUN_CONFIG = "run_config.json"
+#: Config keys ``run_config.json`` leaves out (``isdpo.run_guard.NOT_IDENTITY``): where and how a run was written.
+#: The report takes them from ``.hydra/config.yaml``.
+NOT_RECORDED = ("logger", "stage", "paths", "experiment", "run_name", "judge", "hydra", "task.train.resume",
+                "task.train.checkpoint_every_n_steps", "hardware.num_workers", "hardware.torch_threads")
 
 #: Top-level config keys that say where and under which name a run wrote, not what it computed: they never
 #: tell two runs apart.
@@ -42,8 +55,9 @@ class Run:
     result: dict | None = None
     metrics: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    # .hydra/config.yaml flattened ("a.b.c" -> value), as written; ``load_sweep`` adds the schema default of a key
-    # other runs have and this one lacks (written by code older than the key)
+    # The run's config flattened ("a.b.c" -> value): run_config.json completed by .hydra/config.yaml
+    # (``merge_config``), or .hydra alone; ``load_sweep`` adds the schema default of a key other runs have and this
+    # one lacks (written by code older than the key)
     config: dict[str, Any] | None = None
     # Set by ``assign_variants`` (from the whole sweep): the swept settings shown for this run (key -> value),
     # the values of every varying setting but the seed (what the tables group by), and the legend label.
@@ -93,7 +107,8 @@ class _Marker:
 
 
 NOT_SET = _Marker("–")  # the key is not in this run's config
-UNKNOWN = _Marker("?")  # the run has no readable .hydra/config.yaml
+UNKNOWN = _Marker("?")  # the run has no readable config
+UNUSED = _Marker("(IS off)")  # an importance-sampling setting of a run whose importance sampling is off
 
 
 def is_bookkeeping(key: str) -> bool:
@@ -220,8 +235,58 @@ def read_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
     return flatten(cfg), ""
 
 
+def read_run_config(folder: Path) -> dict[str, Any] | None:
+    """The flattened resolved config of ``run_config.json`` (``{"hash", "config"}``), or None when absent or
+    unreadable."""
+    try:
+        record = json.loads((folder / RUN_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    config = record.get("config") if isinstance(record, dict) else None
+    return flatten(config) if isinstance(config, dict) else None
+
+
+def _same(a, b) -> bool:
+    return a == b or format_value(a) == format_value(b)
+
+
+def _not_recorded(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in NOT_RECORDED)
+
+
+def merge_config(recorded: dict[str, Any], written: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
+    """A run's config from its record (``run_config.json``, resolved) and ``.hydra/config.yaml`` (as written):
+    the recorded value of every key the record has, the written one of the keys it leaves out (``NOT_RECORDED``),
+    and the written interpolation where it resolves to the recorded value (``task.data_seed: ${seed}`` stays one
+    setting across seeds). A key in neither the record nor ``NOT_RECORDED`` stays absent (``fill_defaults``).
+
+    Returns (config in .hydra's key order, the keys where .hydra says something else than the record).
+    """
+    written = written or {}
+    merged: dict[str, Any] = {}
+    differs: list[str] = []
+    for key in list(written) + [k for k in recorded if k not in written]:
+        if key not in recorded:
+            if _not_recorded(key):
+                merged[key] = written[key]
+            continue
+        value = merged[key] = recorded[key]
+        if key not in written:
+            continue
+        text = written[key]
+        if isinstance(text, str) and "${" in text:
+            resolved = resolve({**written, **recorded, key: text}, key)
+            if _same(resolved, value):
+                merged[key] = text
+            elif not (isinstance(resolved, str) and "${" in resolved):  # a resolver call: cannot tell
+                differs.append(key)
+        elif not _same(text, value):
+            differs.append(key)
+    return merged, differs
+
+
 def _identity_from_hydra(folder: Path, config: dict[str, Any] | None) -> dict:
-    """task, loss, beta, seed from the flattened .hydra/config.yaml, filled in from .hydra/overrides.yaml."""
+    """task, loss, beta, seed from the flattened config, filled in from .hydra/overrides.yaml."""
     ident: dict[str, Any] = {}
     if config is not None:
         # Unresolvable interpolations stay strings here; to_float / to_int turn them into None.
@@ -273,7 +338,14 @@ def load_run(folder: Path, root: Path) -> Run:
     run.result = result
 
     run.config, why = read_config(folder)
-    if run.config is None and result is not None:
+    recorded = read_run_config(folder)
+    if recorded is not None:
+        run.config, differs = merge_config(recorded, run.config)
+        if differs:
+            run.notes.append(f"{HYDRA_CONFIG} differs from {RUN_CONFIG} in {len(differs)} key(s) "
+                             f"({', '.join(differs[:4])}{', ...' if len(differs) > 4 else ''}; a later rerun "
+                             f"refused in this folder rewrites .hydra): read from {RUN_CONFIG}, what the run used")
+    elif run.config is None and result is not None:
         run.notes.append(f"{why}: identified from result.json (task, loss, beta, seed) only; "
                          "the swept settings it cannot show are ? in the tables")
     ident = _identity_from_hydra(folder, run.config)
@@ -398,15 +470,38 @@ def assign_variants(runs: list[Run], instance_key: str = INSTANCE_KEY) -> list[s
         run.settings = {k: _hashable(_value(run, k)) for k in varying}
         run.group = tuple(run.settings.values())
         run.config_group = tuple(v for k, v in run.settings.items() if k != instance_key)
-        run.variant = {k: _value(run, k) for k in shown}
-        run.series = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in run.variant.items()])
-        run.method = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in run.variant.items()
+        weighted = loss_traits(run)[0]
+        run.variant = {k: UNUSED if not weighted and _is_weighting_setting(k) else _value(run, k) for k in shown}
+        labelled = {k: v for k, v in run.variant.items() if v is not UNUSED}
+        run.series = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in labelled.items()])
+        run.method = ", ".join([str(run.loss)] + [f"{names[k]}={format_value(v)}" for k, v in labelled.items()
                                                   if k != instance_key])
         value = resolve(run.config, instance_key) if run.config is not None and instance_key in run.config \
             else _value(run, instance_key)
         run.instance = f"{names[instance_key]}={format_value(value)}" if has_instances else ""
         run.instance_order = value_order(value)
     return shown
+
+
+def _is_weighting_setting(key: str) -> bool:
+    """A setting of the importance weighting, which does nothing while it is off (its switch aside)."""
+    return key.startswith("loss.importance_sampling.") and key != "loss.importance_sampling.enabled"
+
+
+def loss_traits(run: Run) -> tuple[bool, bool, str]:
+    """(importance sampling on, online, base loss) of a run's loss, from its config (loss.importance_sampling.enabled,
+    loss.online, loss.base); without them, from the name ("is" prefix: importance-sampled, "online_" prefix: online,
+    the rest: the base)."""
+    name, cfg = str(run.loss), run.config or {}
+    weighted = resolve(cfg, "loss.importance_sampling.enabled") if cfg else None
+    online = resolve(cfg, "loss.online") if cfg else None
+    base = resolve(cfg, "loss.base") if cfg else None
+    weighted = weighted if isinstance(weighted, bool) else name.startswith("is")
+    online = online if isinstance(online, bool) else name.startswith("online_")
+    if not isinstance(base, str) or "${" in base:
+        base = name.removeprefix("online_")
+        base = base.removeprefix("is") if weighted else base
+    return weighted, online, base
 
 
 def short_names(keys: list[str]) -> dict[str, str]:

@@ -1,22 +1,14 @@
-"""Statistics of a sweep report: bootstrap intervals over seeds, pooled over task instances, paired differences
-and the claim each interval supports. Pure functions of numbers (numpy and the standard library), seeded.
+"""Statistics of a sweep report: Student-t intervals over seeds and over task instances, paired differences,
+Holm's correction, the cross-fitted peak and drop of a curve, and the sentence each interval supports. Pure
+functions of numbers (numpy, scipy.stats, statsmodels). Why these and how well they cover: docs/method.md §7.
 
-Formulas (level ``LEVEL`` = 0.95, alpha = 1 - level):
-
-- Percentile bootstrap of a mean over n values x_1..x_n: the distribution of the mean of n values drawn with
-  replacement from {x_i}; the interval is its alpha/2 and 1 - alpha/2 quantiles (inverse CDF: the smallest
-  resample mean m with P(mean <= m) >= q). When n^n <= ``N_RESAMPLES`` (n <= 5) every one of the n^n equally
-  likely resamples is enumerated, so the interval is exact; otherwise ``N_RESAMPLES`` resamples are drawn with
-  ``numpy.random.default_rng(SEED)``.
-- Stratified bootstrap (pooled over instances): the estimate is the mean of the stratum means,
-  (1/K) sum_k mean(x_k); a resample draws n_k values with replacement within each stratum k (strata fixed).
-  Exact enumeration when prod_k n_k^n_k <= ``N_RESAMPLES``.
-- No interval (NaN bounds, "n/a") when some stratum has fewer than 2 values: one seed says nothing about
-  seed-to-seed variation, and a zero-width interval would pretend it does.
-- Paired difference: d_j = a_j - b_j over the keys (instance, seed, ...) both sides have; its mean and the
-  (stratified) bootstrap interval of the mean of d. Keys on one side only are unpaired: left out and counted.
-- Bins (over-optimization curve): points sorted by x and split into equal-count bins (quantile bins); each bin
-  gives the mean x, mean y and the bootstrap interval of mean y (its points treated as independent).
+- ``t_interval``: mean +- t_{n-1, 1-alpha/2} s / sqrt(n) over n values, with the two-sided p-value of the same t
+  statistic against zero; no interval below 2 values.
+- ``instances_interval``: task instances as a random sample: the mean of each instance's values, then
+  ``t_interval`` across the K instance means (df K - 1); one instance: that instance's ``t_interval``.
+- ``holm``: Holm's step-down adjusted p-values of a family (statsmodels ``multipletests``).
+- ``cross_fit``: peak and peak - final of a curve measured on two independent halves, the peak chosen on one half
+  and read on the other.
 """
 from __future__ import annotations
 
@@ -25,24 +17,24 @@ from dataclasses import dataclass
 from typing import Hashable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 LEVEL = 0.95
-N_RESAMPLES = 10_000
-SEED = 0
-QUANTILE_METHOD = "inverted_cdf"  # the quantile of the resampling distribution itself, no interpolation
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean and its bootstrap interval; ``low``/``high`` are NaN when there is none (n/a)."""
+    """A mean, its interval and the two-sided p-value against zero; ``low``/``high``/``p`` are NaN without an
+    interval (n/a)."""
 
     mean: float
     low: float
     high: float
-    n: int  # values used (finite ones), all strata together
-    n_strata: int = 1
-    resamples: int = 0  # resamples behind the interval (enumerated or drawn); 0 = no interval
-    exact: bool = False  # True: every resample enumerated
+    n: int  # values used (finite ones), all instances together
+    n_strata: int = 1  # instances behind the mean
+    df: float = math.nan  # degrees of freedom of the t quantile
+    p: float = math.nan
 
     @property
     def defined(self) -> bool:
@@ -62,65 +54,62 @@ def finite(values: Sequence[float]) -> np.ndarray:
     return np.asarray(out, dtype=float)
 
 
-def _exact_means(x: np.ndarray) -> np.ndarray:
-    """Means of all n^n resamples (index tuples) of ``x``, each equally likely."""
-    n = len(x)
-    sums = np.zeros(1)
-    for _ in range(n):
-        sums = (sums[:, None] + x[None, :]).ravel()
-    return sums / n
+def t_interval(values: Sequence[float], *, level: float = LEVEL) -> Interval:
+    """Mean of ``values`` and its Student-t interval, with the two-sided p-value of H0: mean = 0 (module
+    docstring). Non-finite values are dropped; fewer than 2 values give no interval."""
+    x = finite(values)
+    if not len(x):
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return Interval(mean, math.nan, math.nan, 1)
+    df = len(x) - 1
+    se = float(x.std(ddof=1)) / math.sqrt(len(x))
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, df)) * se
+    if se > 0:
+        p = float(2 * scipy_stats.t.sf(abs(mean) / se, df))
+    else:  # identical values: no spread, the mean is exact
+        p = 1.0 if mean == 0 else 0.0
+    return Interval(mean, mean - half, mean + half, len(x), 1, df, p)
 
 
-def _resample_distribution(strata: list[np.ndarray], n_resamples: int, seed: int) -> tuple[np.ndarray, bool]:
-    """The bootstrap distribution of the mean of stratum means: (values, exact)."""
-    sizes = [len(x) for x in strata]
-    if math.prod(n ** n for n in sizes) <= n_resamples:
-        dist = np.zeros(1)
-        for x in strata:
-            dist = (dist[:, None] + _exact_means(x)[None, :]).ravel()
-        return dist / len(strata), True
-    rng = np.random.default_rng(seed)
-    total = np.zeros(n_resamples)
-    for x in strata:
-        total += x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(axis=1)
-    return total / len(strata), False
+def instances_interval(strata: Sequence[Sequence[float]], *, level: float = LEVEL) -> Interval:
+    """Mean of the instance means and its t-interval across them (instances a random sample, df K - 1).
 
-
-def stratified_interval(strata: Sequence[Sequence[float]], *, level: float = LEVEL,
-                        n_resamples: int = N_RESAMPLES, seed: int = SEED) -> Interval:
-    """Mean of the stratum means and its stratified percentile bootstrap interval (module docstring).
-
-    Non-finite values are dropped; an empty stratum is left out (it has no mean).
+    Non-finite values are dropped and an instance without values is left out; one instance gives its own
+    ``t_interval`` over its values (nothing varies across instances to generalise over).
     """
     kept = [x for x in (finite(s) for s in strata) if len(x)]
     if not kept:
         return Interval(math.nan, math.nan, math.nan, 0, 0)
-    estimate = float(np.mean([x.mean() for x in kept]))
-    n = sum(len(x) for x in kept)
-    if min(len(x) for x in kept) < 2:
-        return Interval(estimate, math.nan, math.nan, n, len(kept))
-    dist, exact = _resample_distribution(kept, n_resamples, seed)
-    alpha = 1.0 - level
-    low, high = np.quantile(dist, [alpha / 2, 1 - alpha / 2], method=QUANTILE_METHOD)
-    # Enumerated or drawn, a resample mean is a sum in another order than the estimate's: allow for rounding,
-    # so that n identical values give the interval [x, x] and not one a few ulps off.
-    tol = 1e-9 * max(1.0, abs(estimate))
-    low = estimate if estimate < low <= estimate + tol else float(low)
-    high = estimate if estimate - tol <= high < estimate else float(high)
-    return Interval(estimate, low, high, n, len(kept), len(dist), exact)
+    if len(kept) == 1:
+        return t_interval(kept[0], level=level)
+    across = t_interval([x.mean() for x in kept], level=level)
+    return Interval(across.mean, across.low, across.high, sum(len(x) for x in kept), len(kept), across.df,
+                    across.p)
 
 
-def bootstrap_interval(values: Sequence[float], *, level: float = LEVEL, n_resamples: int = N_RESAMPLES,
-                       seed: int = SEED) -> Interval:
-    """Mean of ``values`` and its percentile bootstrap interval (one stratum)."""
-    return stratified_interval([values], level=level, n_resamples=n_resamples, seed=seed)
+def holm(p_values: Sequence[float], *, alpha: float = 1.0 - LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """(Holm-adjusted p, rejected at ``alpha``) of a family; a NaN p (no test) stays NaN / not rejected and is not
+    counted in the family."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted, rejected = np.full(p.shape, math.nan), np.zeros(p.shape, dtype=bool)
+    tested = ~np.isnan(p)
+    if tested.any():
+        rejected[tested], adjusted[tested], _, _ = multipletests(p[tested], alpha=alpha, method="holm")
+    return adjusted, rejected
 
 
-def interval_note(n_resamples: int = N_RESAMPLES, seed: int = SEED, level: float = LEVEL) -> str:
-    """How the intervals were computed, for a table's caption."""
-    exact_up_to = max(n for n in range(1, 12) if n ** n <= n_resamples)
-    return (f"{level:.0%} percentile bootstrap over seeds: exact (all n^n resamples enumerated) for n ≤ "
-            f"{exact_up_to} seeds, else {n_resamples:,} resamples (numpy seed {seed}); n/a with one seed")
+def cross_fit(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(peak, peak - final) of a curve from two independent halves of its evaluation, A and B (same points):
+
+        peak = 1/2 [B[argmax A] + A[argmax B]],   drop = 1/2 [(B[argmax A] - B[-1]) + (A[argmax B] - A[-1])]
+
+    The step is chosen on one half and its value read on the other, so the noise that picked it does not inflate
+    it (the first of tied maxima)."""
+    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ia, ib = int(np.argmax(xa)), int(np.argmax(xb))
+    return 0.5 * (xb[ia] + xa[ib]), 0.5 * ((xb[ia] - xb[-1]) + (xa[ib] - xa[-1]))
 
 
 def paired_differences(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> tuple[dict, list, list]:
@@ -138,10 +127,10 @@ def paired_differences(a: Mapping[Hashable, float], b: Mapping[Hashable, float])
     return diffs, only_a, only_b
 
 
-def binned_curve(x: Sequence[float], y: Sequence[float], n_bins: int, *, level: float = LEVEL,
-                 n_resamples: int = N_RESAMPLES, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                              np.ndarray]:
-    """(bin mean x, bin mean y, band low, band high) over ``n_bins`` equal-count bins of the points sorted by x.
+def binned_curve(x: Sequence[float], y: Sequence[float], n_bins: int, *,
+                 level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(bin mean x, bin mean y, band low, band high) over ``n_bins`` equal-count bins of the points sorted by x;
+    the band is the t-interval of the bin's mean y, its points treated as independent.
 
     Points where x or y is not finite are dropped; fewer points than bins give one point per bin.
     """
@@ -153,7 +142,7 @@ def binned_curve(x: Sequence[float], y: Sequence[float], n_bins: int, *, level: 
     order = np.argsort(xa, kind="stable")
     chunks = [c for c in np.array_split(order, min(max(n_bins, 1), len(xa))) if len(c)]
     bx = np.array([xa[c].mean() for c in chunks])
-    intervals = [bootstrap_interval(ya[c], level=level, n_resamples=n_resamples, seed=seed) for c in chunks]
+    intervals = [t_interval(ya[c], level=level) for c in chunks]
     return (bx, np.array([i.mean for i in intervals]), np.array([i.low for i in intervals]),
             np.array([i.high for i in intervals]))
 
@@ -161,6 +150,18 @@ def binned_curve(x: Sequence[float], y: Sequence[float], n_bins: int, *, level: 
 def default_bins(n_points: int, most: int = 10, per_bin: int = 4) -> int:
     """Number of quantile bins for ``n_points`` points: ``most`` (10) once there are enough for ``per_bin`` each."""
     return max(1, min(most, n_points // per_bin))
+
+
+def interval_note(level: float = LEVEL) -> str:
+    """How the intervals over seeds were computed, for a table's caption."""
+    return f"{level:.0%} Student-t interval of the mean over seeds (df n - 1); n/a with one seed"
+
+
+def format_p(p: float) -> str:
+    """"p = 0.012", "p < 0.001", or "" without a test."""
+    if math.isnan(p):
+        return ""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def format_interval(interval: Interval, fmt: str = ".3f", signed: bool = False) -> str:
@@ -176,18 +177,48 @@ def format_interval(interval: Interval, fmt: str = ".3f", signed: bool = False) 
     return f"{num(interval.mean)} {bounds}"
 
 
+def _direction(interval: Interval, a: str, b: str) -> str:
+    if interval.verdict == "n/a":
+        return "no interval: nothing shown"
+    if interval.verdict == "includes zero":
+        return "the interval includes zero: no difference shown"
+    return f"the interval excludes zero: {a if interval.mean > 0 else b} higher"
+
+
 def claim(context: str, a: str, b: str, metric: str, interval: Interval, *, fmt: str = ".3f",
           unit: str = "seeds", unpaired: int = 0) -> str:
-    """One sentence: the mean paired difference a - b of ``metric``, its interval and what it shows.
+    """One sentence: the mean paired difference a - b of ``metric`` over the seeds of one instance, its t-interval,
+    p-value and what it shows (before any correction for multiple comparisons).
 
-    e.g. "beta=0.01, chain_seed=1: isdpo - dpo final win rate +0.112 [+0.071, +0.150] (5 seeds): the interval
-    excludes zero: isdpo higher".
+    e.g. "beta=0.01, chain_seed=1: isdpo - dpo final win rate +0.112 [+0.071, +0.150] (5 seeds, p = 0.002): the
+    interval excludes zero: isdpo higher".
     """
-    head = f"{context}: {a} - {b} {metric} {format_interval(interval, fmt, signed=True)} ({interval.n} {unit}"
+    test = f", {format_p(interval.p)}" if interval.defined else ""
+    head = f"{context}: {a} - {b} {metric} {format_interval(interval, fmt, signed=True)} ({interval.n} {unit}{test}"
     head += f"; {unpaired} unpaired run{'s' if unpaired != 1 else ''} left out)" if unpaired else ")"
     if interval.verdict == "n/a":
         why = "no pair" if interval.n == 0 else f"fewer than 2 {unit}"
         return f"{head}: no interval ({why}): nothing shown"
-    if interval.verdict == "includes zero":
-        return f"{head}: the interval includes zero: no difference shown"
-    return f"{head}: the interval excludes zero: {a if interval.mean > 0 else b} higher"
+    return f"{head}: {_direction(interval, a, b)}"
+
+
+def pooled_claim(context: str, a: str, b: str, metric: str, pooled: Interval, per_instance: Sequence[Interval], *,
+                 fmt: str = ".3f", unpaired: int = 0) -> str:
+    """One sentence for a comparison pooled over task instances: on how many instances a is higher (and how many
+    instance intervals exclude zero on each side), then the mean of the instance means with its t-interval across
+    instances (instances a random sample, df K - 1).
+
+    e.g. "beta=0.01: isdpo - dpo final win rate: higher on 3 of 3 instances (interval above zero on 2, below on 0);
+    pooled +0.125 [-0.050, +0.300] treating instances as random (K=3, p = 0.110): the interval includes zero: no
+    difference shown".
+    """
+    means = [iv for iv in per_instance if not math.isnan(iv.mean)]
+    higher, lower = sum(iv.mean > 0 for iv in means), sum(iv.mean < 0 for iv in means)
+    above = sum(iv.defined and iv.low > 0 for iv in means)
+    below = sum(iv.defined and iv.high < 0 for iv in means)
+    counts = f"higher on {higher} of {len(means)} instances" + (f", lower on {lower}" if lower else "")
+    counts += f" (interval above zero on {above}, below on {below})"
+    test = f", {format_p(pooled.p)}" if pooled.defined else ""
+    left = f"; {unpaired} unpaired run{'s' if unpaired != 1 else ''} left out" if unpaired else ""
+    return (f"{context}: {a} - {b} {metric}: {counts}; pooled {format_interval(pooled, fmt, signed=True)} treating "
+            f"instances as random (K={pooled.n_strata}{test}{left}): {_direction(pooled, a, b)}")

@@ -1,78 +1,18 @@
-"""The report's tables: per-run quantities (result.json, metrics.jsonl), the summary per configuration (mean ±
-std over seeds, 95% interval), the statistics per configuration and task instance and pooled, and the CSV files."""
+"""The report's tables: the summary per configuration (mean ± std over seeds, 95% t-interval), the statistics per
+configuration and task instance and pooled over instances, and the CSV files."""
 from __future__ import annotations
 
 import csv
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from isdpo.report.files import atomic_path
 from isdpo.report.plots import loss_order
-from isdpo.report.runs import INSTANCE_KEY, Run, by_instance, format_value, to_float
-from isdpo.report.stats import Interval, bootstrap_interval, format_interval, stratified_interval
-
-def _judge(result: dict) -> float | None:
-    judge = result.get("judge")
-    return to_float(judge.get("win_rate")) if isinstance(judge, dict) else None
-
-
-def _point(result: dict, which: str, key: str) -> float | None:
-    """``result[which][key]`` (which: final | peak) as a float; None when the run has no such metric."""
-    row = result.get(which)
-    return to_float(row.get(key)) if isinstance(row, dict) else None
-
-
-def _drop(result: dict) -> float | None:
-    peak, final = _point(result, "peak", "win_rate"), _point(result, "final", "win_rate")
-    return None if peak is None or final is None else peak - final
-
-
-#: Per-run quantities of the summary: column -> (header, number format, value from result.json or None).
-#: A table shows a column only when some run has its value (no win rate without a golden reward).
-RUN_QUANTITIES: dict[str, tuple[str, str, Callable[[dict], float | None]]] = {
-    "final_win_rate": ("final win rate", ".3f", lambda r: _point(r, "final", "win_rate")),
-    "peak_win_rate": ("peak win rate", ".3f", lambda r: _point(r, "peak", "win_rate")),
-    "peak_step": ("step of peak", ".0f", lambda r: _point(r, "peak", "step")),
-    "final_kl": ("final KL", ".3g", lambda r: _point(r, "final", "kl")),
-    "drop": ("peak − final win rate", ".3f", _drop),
-    "final_eval_accuracy": ("final held-out accuracy", ".3f", lambda r: _point(r, "final", "rewards/accuracies")),
-    "final_eval_loss": ("final held-out loss", ".3g", lambda r: _point(r, "final", "loss")),
-    "judge_win_rate": ("judge win rate", ".3f", _judge),
-}
-
-
-def _max_kl(run: Run) -> float | None:
-    """Largest finite KL over the run's evaluation points (metrics.jsonl); None without one."""
-    kls = [v for v in (to_float(row.get("kl")) for row in run.metrics) if v is not None and math.isfinite(v)]
-    return max(kls) if kls else None
-
-
-#: Per-run quantities from the whole curve (metrics.jsonl): column -> (header, number format, value of a Run).
-CURVE_QUANTITIES: dict[str, tuple[str, str, Callable[[Run], float | None]]] = {
-    "max_kl": ("max KL over the curve", ".3g", _max_kl),
-}
-#: Columns of the summary in order: RUN_QUANTITIES with CURVE_QUANTITIES after the final KL.
-TABLE_QUANTITIES: dict[str, tuple[str, str]] = {}
-for _col, (_header, _fmt, _) in RUN_QUANTITIES.items():
-    TABLE_QUANTITIES[_col] = (_header, _fmt)
-    if _col == "final_kl":
-        TABLE_QUANTITIES.update({c: (h, f) for c, (h, f, _) in CURVE_QUANTITIES.items()})
-#: The quantities with 95% bootstrap intervals (summary, statistics, claims).
-STAT_QUANTITIES = ("final_win_rate", "peak_win_rate", "drop", "final_kl", "max_kl")
-
-
-def run_values(run: Run) -> dict[str, float | None]:
-    """Every ``TABLE_QUANTITIES`` value of one completed run; None where the run has none or it is not finite
-    (NaN): such a value is left out of means and intervals, not averaged."""
-    values: dict[str, float | None] = {}
-    for col, (_, _, get) in RUN_QUANTITIES.items():
-        try:
-            values[col] = get(run.result or {})
-        except (KeyError, TypeError, ValueError, AttributeError):
-            values[col] = None
-    values.update({col: get(run) for col, (_, _, get) in CURVE_QUANTITIES.items()})
-    return {col: v if v is not None and math.isfinite(v) else None for col, v in values.items()}
+from isdpo.report.quantities import STAT_QUANTITIES, TABLE_QUANTITIES, run_values
+from isdpo.report.runs import INSTANCE_KEY, Run, by_instance, format_value
+from isdpo.report.stats import Interval, format_interval, instances_interval, t_interval
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -85,7 +25,7 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 def summarise(runs: list[Run]) -> list[dict]:
     """One row per configuration (task, loss, beta and the other varying settings) of the completed runs: the
     shown settings (``Run.variant``, as text), seeds, mean/std/n of each ``TABLE_QUANTITIES`` and the 95%
-    bootstrap interval (``{col}_ci_low``, ``{col}_ci_high``) of each ``STAT_QUANTITIES`` mean."""
+    t-interval over seeds (``{col}_ci_low``, ``{col}_ci_high``) of each ``STAT_QUANTITIES`` mean."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.ok:
@@ -103,7 +43,7 @@ def summarise(runs: list[Run]) -> list[dict]:
             values = [v[col] for v in per_run if v[col] is not None]
             row[f"{col}_mean"], row[f"{col}_std"], row[f"{col}_n"] = mean_std(values)
         for col in STAT_QUANTITIES:
-            interval = bootstrap_interval([v[col] for v in per_run if v[col] is not None])
+            interval = t_interval([v[col] for v in per_run if v[col] is not None])
             row[f"{col}_ci_low"], row[f"{col}_ci_high"] = interval.low, interval.high
         rows.append(row)
     return rows
@@ -169,7 +109,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-
 def _config_key(run: Run) -> tuple:
     """A configuration pooled over task instances: task, loss, beta and every varying setting but the instance."""
     return run.task or "", run.loss, run.beta, run.config_group
@@ -181,15 +120,17 @@ def _shown(run: Run, instance_key: str) -> dict[str, str]:
 
 
 def interval_fields(interval: Interval) -> dict[str, Any]:
-    return {"mean": interval.mean, "ci_low": interval.low, "ci_high": interval.high,
-            "resamples": interval.resamples, "exact": interval.exact}
+    """An interval's CSV columns: mean, bounds, degrees of freedom and what the t-interval is over (the seeds of
+    one instance, or the instance means)."""
+    return {"mean": interval.mean, "ci_low": interval.low, "ci_high": interval.high, "df": interval.df,
+            "interval_over": "instances" if interval.n_strata > 1 else "seeds"}
 
 
 def statistics_rows(runs: list[Run], instance_key: str = INSTANCE_KEY) -> list[dict]:
-    """Long rows (one per configuration x instance x ``STAT_QUANTITIES`` metric, level "instance", plus one per
+    """Long rows (one per configuration x instance x ``STAT_QUANTITIES`` metric it has, level "instance", plus one per
     configuration x metric pooled over instances, level "pooled") of the completed runs: n, mean and 95%
-    bootstrap interval over seeds; pooled: the mean of the instance means and the stratified interval (seeds
-    resampled within each instance, instances fixed)."""
+    t-interval over seeds; pooled: the mean of the instance means and the t-interval across them (instances a
+    random sample, df K - 1; one instance: its own row)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         if run.ok:
@@ -203,15 +144,17 @@ def statistics_rows(runs: list[Run], instance_key: str = INSTANCE_KEY) -> list[d
         base = {"task": task, "loss": loss, "beta": beta, "method": groups[key][0].method}
         base.update(_shown(groups[key][0], instance_key))
         for col in STAT_QUANTITIES:
+            if all(values[id(r)][col] is None for r in groups[key]):
+                continue  # a metric this configuration does not have (no golden reward on task=preference)
             strata = []
             for instance, members in instances.items():
                 kept = [r for r in members if values[id(r)][col] is not None]
                 strata.append([values[id(r)][col] for r in kept])
-                interval = bootstrap_interval(strata[-1])
+                interval = t_interval(strata[-1])
                 rows.append({**base, "level": "instance", "instance": instance, "metric": col, "n_instances": 1,
                              "n": interval.n, "seeds": " ".join(str(r.seed) for r in kept),
                              **interval_fields(interval)})
-            interval = stratified_interval(strata)
+            interval = instances_interval(strata)
             rows.append({**base, "level": "pooled", "instance": f"pooled over {len(instances)}", "metric": col,
                          "n_instances": interval.n_strata, "n": interval.n, "seeds": "",
                          **interval_fields(interval)})
@@ -257,15 +200,16 @@ def statistics_markdown(rows: list[dict], level: str, instance_key: str = INSTAN
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
-    """Write dict rows as CSV (columns: union of keys, in first-seen order)."""
+    """Write dict rows as CSV (columns: union of keys, in first-seen order), atomically; no rows: an empty file."""
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
 
 
 def run_rows(runs: list[Run]) -> list[dict]:
