@@ -318,7 +318,7 @@ def test_a_read_only_sweep_folder_says_where_and_suggests_out(sweep, tmp_path, m
     monkeypatch.setattr(type(tmp_path), "mkdir", mkdir)
     assert report_cli.main([str(sweep), "--no-figures"]) == 1
     err = capsys.readouterr().err
-    assert f"cannot write the report: Permission denied ({sweep / 'report'})" in err and "--out DIR" in err
+    assert f"cannot write the report into {sweep / 'report'}: Permission denied" in err and "--out DIR" in err
     assert report_cli.main([str(sweep), "--no-figures", "--out", str(tmp_path / "elsewhere")]) == 0
 
 

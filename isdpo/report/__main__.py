@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[report] {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a read-only sweep folder, a full disk: say where, not a traceback
-        where = err.filename or args.out or args.sweep / "report"
-        print(f"[report] cannot write the report: {err.strerror or err} ({where}); write it elsewhere with "
-              "--out DIR", file=sys.stderr)
+        out = args.out or args.sweep / "report"
+        print(f"[report] cannot write the report into {out}: {err.strerror or err} ({err.filename or out}); write "
+              "it elsewhere with --out DIR", file=sys.stderr)
         return 1
     print(f"[report] wrote {report}")
     return 0
