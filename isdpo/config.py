@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from isdpo import schema
 from isdpo.losses import build_loss
 from isdpo.models import DTYPES
-from isdpo.schema import ConfigError
+from isdpo.schema import ConfigError, require
 from isdpo.stages import STAGES
 from isdpo.tasks import TASKS
 from isdpo.trainer import accumulation
@@ -18,21 +18,16 @@ from isdpo.trainer import accumulation
 __all__ = ["ConfigError", "validate"]
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def _dtype(key: str, value, nullable: bool = False) -> None:
-    _require(value in DTYPES or (nullable and value is None),
-             f"{key}={value!r} is not supported; allowed: {', '.join(DTYPES)}{', null' if nullable else ''}")
+    require(value in DTYPES or (nullable and value is None),
+            f"{key}={value!r} is not supported; allowed: {', '.join(DTYPES)}{', null' if nullable else ''}")
 
 
 def validate(cfg) -> None:
     """Raise ConfigError on the first invalid value of the composed config ``cfg``."""
     schema.check(cfg)
-    _require(cfg.stage in STAGES, f"stage={cfg.stage!r} is not known; allowed: {', '.join(STAGES)}")
-    _require(cfg.task.name in TASKS, f"task.name={cfg.task.name!r} is not known; allowed: {', '.join(sorted(TASKS))}")
+    require(cfg.stage in STAGES, f"stage={cfg.stage!r} is not known; allowed: {', '.join(STAGES)}")
+    require(cfg.task.name in TASKS, f"task.name={cfg.task.name!r} is not known; allowed: {', '.join(sorted(TASKS))}")
     try:
         build_loss(cfg.loss.base, cfg.beta, OmegaConf.to_container(cfg.loss.params, resolve=True),
                    OmegaConf.to_container(cfg.loss.importance_sampling, resolve=True))
@@ -55,7 +50,7 @@ def validate(cfg) -> None:
     model = cfg.model
     if model.pretrained and str(model.pretrained).startswith(("/", ".", "~")):
         path = Path(str(model.pretrained)).expanduser()
-        _require(path.exists(), f"model.pretrained={model.pretrained!r}: no such file or directory")
+        require(path.exists(), f"model.pretrained={model.pretrained!r}: no such file or directory")
         if model.gguf_file:
-            _require((path / model.gguf_file).exists(),
-                     f"model.gguf_file={model.gguf_file!r}: not found in {path}")
+            require((path / model.gguf_file).exists(),
+                    f"model.gguf_file={model.gguf_file!r}: not found in {path}")

@@ -18,7 +18,7 @@ import dataclasses
 import difflib
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -55,6 +55,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``ok``."""
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -131,10 +137,10 @@ class Loss:
 
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
-        _require(not (node.online and node.importance_sampling.enabled),
-                 f"{at}.online=true with {at}.importance_sampling.enabled=true: on-policy samples have importance "
-                 f"weight 1, so the two do not combine. Set {at}.importance_sampling.enabled=false (loss=online_dpo) "
-                 f"for online training, or {at}.online=false for IS-DAA on the offline pairs")
+        require(not (node.online and node.importance_sampling.enabled),
+                f"{at}.online=true with {at}.importance_sampling.enabled=true: on-policy samples have importance "
+                f"weight 1, so the two do not combine. Set {at}.importance_sampling.enabled=false (loss=online_dpo) "
+                f"for online training, or {at}.online=false for IS-DAA on the offline pairs")
 
 
 @dataclass
@@ -167,12 +173,12 @@ class WandbLogger(Logger):
 
 
 @dataclass
-class Judge:
+class JudgeConfig:
     backend: str = one_of(JUDGES)
 
 
 @dataclass
-class OpenAIJudge(Judge):
+class OpenAIJudgeConfig(JudgeConfig):
     base_url: str = MISSING
     model: str = MISSING
     api_key_env: Optional[str] = MISSING
@@ -188,13 +194,13 @@ class OpenAIJudge(Judge):
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
         # The client is an optional extra: stop here rather than after training, at the judge stage.
-        _require(importlib.util.find_spec("openai") is not None,
-                 f"{at}.backend=openai needs the openai package: pip install isdpo[judge] (or pip install openai), "
-                 f"or choose judge=hf (a local model) or judge=none")
+        require(importlib.util.find_spec("openai") is not None,
+                f"{at}.backend=openai needs the openai package: pip install isdpo[judge] (or pip install openai), "
+                f"or choose judge=hf (a local model) or judge=none")
 
 
 @dataclass
-class HFJudge(Judge):
+class HFJudgeConfig(JudgeConfig):
     model: Model = field(default_factory=Model)
     n_prompts: int = ranged(AT_LEAST_ONE)
     seed: int = ranged(SEED)
@@ -203,13 +209,13 @@ class HFJudge(Judge):
 
 def _check_lora(node: DictConfig, at: str, what: str) -> None:
     t = node.target_modules
-    _require(t == "all-linear" or (OmegaConf.is_list(t) and len(t) > 0 and all(isinstance(x, str) for x in t)),
-             f"{at}.target_modules must be all-linear or a non-empty list of module names, e.g. [q_proj, v_proj] "
-             f"(got {t!r})")
+    require(t == "all-linear" or (OmegaConf.is_list(t) and len(t) > 0 and all(isinstance(x, str) for x in t)),
+            f"{at}.target_modules must be all-linear or a non-empty list of module names, e.g. [q_proj, v_proj] "
+            f"(got {t!r})")
     # An optional extra: stop here rather than after the SFT and the reference pass.
-    _require(importlib.util.find_spec("peft") is not None,
-             f"{what} needs the peft package: pip install isdpo[lora] (or pip install peft), or train without "
-             f"adapters")
+    require(importlib.util.find_spec("peft") is not None,
+            f"{what} needs the peft package: pip install isdpo[lora] (or pip install peft), or train without "
+            f"adapters")
 
 
 @dataclass
@@ -245,8 +251,8 @@ class LoraPeft(Peft, Lora):
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
         bad = [str(s) for s in node.stages if s not in PEFT_STAGES]
-        _require(not bad, f"{at}.stages: {', '.join(bad)} is not known; allowed: {', '.join(PEFT_STAGES)} (the "
-                          f"golden RM's adapters are task.reward.lora)")
+        require(not bad, f"{at}.stages: {', '.join(bad)} is not known; allowed: {', '.join(PEFT_STAGES)} (the "
+                         f"golden RM's adapters are task.reward.lora)")
         _check_lora(node, at, f"{at}.backend=lora")
 
 
@@ -304,9 +310,37 @@ class Eval:
     score_batch_size: Optional[int] = None  # sequences per log-prob forward; None: batch_size (same numbers either way)
 
 
+# Task schemas by conf/task name: each is ``/schema/task/<name>`` (what a task's YAML extends) and a variant of
+# Config.task.
+TASK_SCHEMAS: dict[str, type] = {}
+
+
+def task_schema(name: str) -> Callable[[type], type]:
+    """Class decorator: registers a task's schema as ``/schema/task/<name>``."""
+
+    def add(cls: type) -> type:
+        if name in TASK_SCHEMAS:
+            raise ValueError(f"task schema {name!r} is registered twice")
+        TASK_SCHEMAS[name] = cls
+        return cls
+
+    return add
+
+
 @dataclass
-class SyntheticTask:
+class TaskConfig:
+    """What every task schema has. The class flags (not config keys) are what Config.check's rules ask of a task."""
+
+    has_golden_reward: ClassVar[bool] = True  # a golden reward can label the policy's samples (loss.online)
+    judgeable: ClassVar[bool] = False  # its evaluation writes text completions beside references (stage=judge)
+    needs_tokenizer: ClassVar[bool] = False  # text: model.pretrained or model.tokenizer must be set
+
     name: str = MISSING
+
+
+@task_schema("synthetic")
+@dataclass
+class SyntheticTaskConfig(TaskConfig):
     chain_seed: int = ranged(SEED)
     data_seed: int = ranged(SEED)
     n_states: int = ranged(AT_LEAST_ONE)
@@ -371,7 +405,7 @@ class TextSft(Sft):
 
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
-        _require(len(node.sources) > 0, f"{at}.sources is empty: the SFT stage needs at least one source")
+        require(len(node.sources) > 0, f"{at}.sources is empty: the SFT stage needs at least one source")
 
 
 @dataclass
@@ -397,7 +431,7 @@ class Reward:
 
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
-        _require(len(node.sources) > 0, f"{at}.sources is empty: the golden RM needs preference data")
+        require(len(node.sources) > 0, f"{at}.sources is empty: the golden RM needs preference data")
 
 
 @dataclass
@@ -418,8 +452,8 @@ class Relabel:
     def check(node: DictConfig, at: str) -> None:
         if node.source != "generate":
             return  # k and the sampling settings are read only when generating
-        _require(node.k >= 2, f"{at}.k must be >= 2 to form pairs (got {node.k!r})")
-        _require(node.temperature > 0 and 0 < node.top_p <= 1, f"{at}.temperature must be > 0 and top_p in (0, 1]")
+        require(node.k >= 2, f"{at}.k must be >= 2 to form pairs (got {node.k!r})")
+        require(node.temperature > 0 and 0 < node.top_p <= 1, f"{at}.temperature must be > 0 and top_p in (0, 1]")
 
 
 @dataclass
@@ -436,17 +470,34 @@ class TextEval(Eval):
 
 
 @dataclass
-class TextTask:
-    name: str = MISSING
+class TokenizedTaskConfig(TaskConfig):
+    """What the tasks on text data share (TL;DR and HH, your own pairs): the hub data set and the truncation
+    policy (isdpo/data/text.py)."""
+
+    needs_tokenizer: ClassVar[bool] = True
+
     dataset: Optional[str] = MISSING
-    data_files: Any = MISSING  # a path, or {split: path}
-    splits: Splits = field(default_factory=Splits)
-    columns: PairColumns = field(default_factory=PairColumns)
-    strip_suffix: Optional[str] = MISSING
     drop_identical: bool = MISSING
     max_length: int = ranged(AT_LEAST_ONE)
     max_prompt_length: int = ranged(AT_LEAST_ONE)
     truncate_responses: bool = MISSING
+
+    @staticmethod
+    def check(node: DictConfig, at: str) -> None:
+        require(node.max_prompt_length < node.max_length,
+                f"{at}.max_prompt_length ({node.max_prompt_length}) must be a positive int < {at}.max_length "
+                f"({node.max_length})")
+
+
+@task_schema("text")
+@dataclass
+class TextTaskConfig(TokenizedTaskConfig):
+    judgeable: ClassVar[bool] = True
+
+    data_files: Any = MISSING  # a path, or {split: path}
+    splits: Splits = field(default_factory=Splits)
+    columns: PairColumns = field(default_factory=PairColumns)
+    strip_suffix: Optional[str] = MISSING
     sft: TextSft = field(default_factory=TextSft)
     reward: Reward = field(default_factory=Reward)
     relabel: Relabel = field(default_factory=Relabel)
@@ -455,14 +506,12 @@ class TextTask:
 
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
-        _require(node.max_prompt_length < node.max_length,
-                 f"{at}.max_prompt_length ({node.max_prompt_length}) must be a positive int < {at}.max_length "
-                 f"({node.max_length})")
-        _require(bool(node.dataset or node.data_files), f"{at}.dataset and {at}.data_files are both null")
+        TokenizedTaskConfig.check(node, at)
+        require(bool(node.dataset or node.data_files), f"{at}.dataset and {at}.data_files are both null")
         room = node.max_length - node.max_prompt_length
-        _require(node.relabel.source != "generate" or node.relabel.max_new_tokens <= room,
-                 f"{at}.relabel.max_new_tokens={node.relabel.max_new_tokens} exceeds {at}.max_length - "
-                 f"{at}.max_prompt_length = {room} (generated pairs would be truncated)")
+        require(node.relabel.source != "generate" or node.relabel.max_new_tokens <= room,
+                f"{at}.relabel.max_new_tokens={node.relabel.max_new_tokens} exceeds {at}.max_length - "
+                f"{at}.max_prompt_length = {room} (generated pairs would be truncated)")
 
 
 @dataclass
@@ -495,8 +544,6 @@ class PreferenceSft(Sft):
 class PreferenceTrain(Train):
     max_steps: Optional[int] = ranged(AT_LEAST_ONE)  # null: task.train.epochs passes over the pairs
     max_pairs: Optional[int] = ranged(AT_LEAST_ONE)
-    precompute_ref_logps: bool = MISSING
-    ref_logps_batch_size: int = ranged(AT_LEAST_ONE)
     epochs: int = ranged(AT_LEAST_ONE)
 
 
@@ -508,33 +555,28 @@ class PreferenceEval:
     seed: int = ranged(SEED)
 
 
+@task_schema("preference")
 @dataclass
-class PreferenceTask:
-    name: str = MISSING
-    dataset: Optional[str] = MISSING
+class PreferenceTaskConfig(TokenizedTaskConfig):
+    has_golden_reward: ClassVar[bool] = False
+
     data_files: PreferenceFiles = field(default_factory=PreferenceFiles)
     splits: PreferenceSplits = field(default_factory=PreferenceSplits)
     format: str = one_of(PAIR_FORMATS)
     columns: PreferenceColumns = field(default_factory=PreferenceColumns)
     chat_template: Optional[str] = MISSING
-    drop_identical: bool = MISSING
-    max_length: int = ranged(AT_LEAST_ONE)
-    max_prompt_length: int = ranged(AT_LEAST_ONE)
-    truncate_responses: bool = MISSING
     sft: PreferenceSft = field(default_factory=PreferenceSft)
     train: PreferenceTrain = field(default_factory=PreferenceTrain)
     eval: PreferenceEval = field(default_factory=PreferenceEval)
 
     @staticmethod
     def check(node: DictConfig, at: str) -> None:
-        _require(node.max_prompt_length < node.max_length,
-                 f"{at}.max_prompt_length ({node.max_prompt_length}) must be a positive int < {at}.max_length "
-                 f"({node.max_length})")
-        _require(bool(node.dataset or node.data_files.train),
-                 f"{at}.dataset and {at}.data_files.train are both null: name a hub data set or a local file "
-                 f"(JSONL, JSON, Parquet, CSV), e.g. {at}.data_files.train=my_pairs.jsonl")
-        _require(node.data_files.eval is None or bool(node.data_files.train),
-                 f"{at}.data_files.eval is set but {at}.data_files.train is null: give the training file too")
+        TokenizedTaskConfig.check(node, at)
+        require(bool(node.dataset or node.data_files.train),
+                f"{at}.dataset and {at}.data_files.train are both null: name a hub data set or a local file "
+                f"(JSONL, JSON, Parquet, CSV), e.g. {at}.data_files.train=my_pairs.jsonl")
+        require(node.data_files.eval is None or bool(node.data_files.train),
+                f"{at}.data_files.eval is set but {at}.data_files.train is null: give the training file too")
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,12 +592,12 @@ class Paths:
 
 @dataclass
 class Config:
-    task: Any = variant(SyntheticTask, TextTask, PreferenceTask)
+    task: Any = variant(*TASK_SCHEMAS.values())
     model: Model = field(default_factory=Model)
     loss: Loss = field(default_factory=Loss)
     hardware: Hardware = field(default_factory=Hardware)
     logger: Any = variant(Logger, WandbLogger)
-    judge: Any = variant(Judge, OpenAIJudge, HFJudge)
+    judge: Any = variant(JudgeConfig, OpenAIJudgeConfig, HFJudgeConfig)
     peft: Any = variant(Peft, LoraPeft)
     stage: str = MISSING  # checked by isdpo.config.validate (STAGES)
     experiment: str = MISSING
@@ -566,40 +608,39 @@ class Config:
 
     @staticmethod
     def check(cfg: DictConfig, at: str) -> None:
-        text = OmegaConf.get_type(cfg.task) is TextTask
-        tokenized = text or OmegaConf.get_type(cfg.task) is PreferenceTask  # text that needs a tokenizer
+        task = OmegaConf.get_type(cfg.task)  # a TaskConfig: its flags say what the task offers
         backend = cfg.judge.backend
-        _require(backend == "none" or text or cfg.stage not in ("judge", "pipeline"),
-                 "judge.backend needs a text task (task=tldr|hh): the synthetic task has no text to judge")
-        _require(cfg.stage != "judge" or backend != "none",
-                 "stage=judge needs judge=openai or judge=hf (judge.backend is none)")
-        if tokenized:  # the text tasks have no vocabulary of their own
-            _require(bool(cfg.model.pretrained or cfg.model.tokenizer),
-                     f"model={cfg.model.name!r} has no checkpoint (model.pretrained is null): task={cfg.task.name} needs "
-                     f"a pretrained model, e.g. model=llama32_3b (the paper), pythia_1b, smollm2_135m or tiny_llama_local")
-        _require(cfg.peft.backend == "none" or cfg.hardware.strategy != "fsdp",
-                 f"peft.backend={cfg.peft.backend} with hardware.strategy=fsdp is not supported: the adapters are "
-                 f"small enough for data parallelism (a hardware profile with strategy ddp), or train without them "
-                 f"(peft=none)")
-        _require(not cfg.loss.online or OmegaConf.get_type(cfg.task) is not PreferenceTask,
-                 f"loss.online=true needs a golden reward to label the policy's samples: task={cfg.task.name} has "
-                 f"none; use task=synthetic, tldr or hh, or loss.online=false")
-        _require(not cfg.loss.online or cfg.hardware.strategy != "fsdp",
-                 f"loss.online=true with hardware.strategy=fsdp is not supported: each rank samples its own prompts, "
-                 f"and sharded weights would make the ranks' forwards wait on each other; use a hardware profile "
-                 f"with strategy ddp (or auto)")
-        _require(not (cfg.task.train.packing and cfg.model.attn_implementation == "flash_attention_2"),
-                 "task.train.packing=true needs model.attn_implementation sdpa or eager (the packed block-diagonal "
-                 "mask cannot go through flash_attention_2)")
+        require(backend == "none" or task.judgeable or cfg.stage not in ("judge", "pipeline"),
+                "judge.backend needs a text task (task=tldr|hh): the synthetic task has no text to judge")
+        require(cfg.stage != "judge" or backend != "none",
+                "stage=judge needs judge=openai or judge=hf (judge.backend is none)")
+        if task.needs_tokenizer:  # the text tasks have no vocabulary of their own
+            require(bool(cfg.model.pretrained or cfg.model.tokenizer),
+                    f"model={cfg.model.name!r} has no checkpoint (model.pretrained is null): task={cfg.task.name} needs "
+                    f"a pretrained model, e.g. model=llama32_3b (the paper), pythia_1b, smollm2_135m or tiny_llama_local")
+        require(cfg.peft.backend == "none" or cfg.hardware.strategy != "fsdp",
+                f"peft.backend={cfg.peft.backend} with hardware.strategy=fsdp is not supported: the adapters are "
+                f"small enough for data parallelism (a hardware profile with strategy ddp), or train without them "
+                f"(peft=none)")
+        require(not cfg.loss.online or task.has_golden_reward,
+                f"loss.online=true needs a golden reward to label the policy's samples: task={cfg.task.name} has "
+                f"none; use task=synthetic, tldr or hh, or loss.online=false")
+        require(not cfg.loss.online or cfg.hardware.strategy != "fsdp",
+                f"loss.online=true with hardware.strategy=fsdp is not supported: each rank samples its own prompts, "
+                f"and sharded weights would make the ranks' forwards wait on each other; use a hardware profile "
+                f"with strategy ddp (or auto)")
+        require(not (cfg.task.train.packing and cfg.model.attn_implementation == "flash_attention_2"),
+                "task.train.packing=true needs model.attn_implementation sdpa or eager (the packed block-diagonal "
+                "mask cannot go through flash_attention_2)")
 
 
 # Hydra's ConfigStore names (``/schema/<name>`` in a defaults list) -> schema.
 SCHEMAS: dict[str, type] = {
     "config": Config, "model": Model, "loss": Loss, "hardware": Hardware,
     "logger/base": Logger, "logger/wandb": WandbLogger,
-    "judge/none": Judge, "judge/openai": OpenAIJudge, "judge/hf": HFJudge,
+    "judge/none": JudgeConfig, "judge/openai": OpenAIJudgeConfig, "judge/hf": HFJudgeConfig,
     "peft/none": Peft, "peft/lora": LoraPeft,
-    "task/synthetic": SyntheticTask, "task/text": TextTask, "task/preference": PreferenceTask,
+    **{f"task/{name}": schema for name, schema in TASK_SCHEMAS.items()},
 }
 
 
@@ -634,11 +675,6 @@ def store(config_store: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def _schema_name(schema: type) -> str:
     return next(f"/schema/{name}@_here_" for name, s in SCHEMAS.items() if s is schema)
 
@@ -668,9 +704,9 @@ def _check_node(node: DictConfig, schema: type, at: str) -> None:
         key, child = f"{at}.{name}".lstrip("."), node[name]
         kind = OmegaConf.get_type(child)
         if "schemas" in f.metadata:
-            _require(kind in f.metadata["schemas"],
-                     f"{key} does not extend a schema: the defaults list of its conf/{name}/ file must start with "
-                     f"one of {', '.join(_schema_name(s) for s in f.metadata['schemas'])}")
+            require(kind in f.metadata["schemas"],
+                    f"{key} does not extend a schema: the defaults list of its conf/{name}/ file must start with "
+                    f"one of {', '.join(_schema_name(s) for s in f.metadata['schemas'])}")
         if dataclasses.is_dataclass(kind):
             _check_node(child, kind, key)
             continue
@@ -683,13 +719,13 @@ def _check_node(node: DictConfig, schema: type, at: str) -> None:
 
 def _check_value(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     if "allowed" in meta:
-        _require(value in meta["allowed"], f"{key}={value!r} is not known; allowed: {', '.join(meta['allowed'])}")
+        require(value in meta["allowed"], f"{key}={value!r} is not known; allowed: {', '.join(meta['allowed'])}")
     if "rule" in meta and value is not None:
         try:
             ok = meta["rule"].test(value)
         except TypeError:  # a string where a number belongs (an untyped field)
             ok = False
-        _require(ok, f"{key} must be {meta['rule'].text} (got {value!r})")
+        require(ok, f"{key} must be {meta['rule'].text} (got {value!r})")
 
 
 def _check_keys(node: DictConfig, fields: dict, at: str) -> None:

@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from isdpo.config import ConfigError, validate
-from isdpo.schema import SCHEMAS
+from isdpo.schema import SCHEMAS, TASK_SCHEMAS
 from tests.hydra_utils import CONF, ROOT, SMALL, compose_cfg
 
 # sweep/ (a link to sweeps/) is appended with +sweep=NAME and checked in tests/test_sweeps.py
@@ -207,6 +207,22 @@ def test_is_variants_are_their_base_loss_with_importance_sampling_on():
     assert all({**b, "enabled": False} == {"enabled": False, "log_clip": 2.0, "weight": "sequence",
                                            "lower_log_clip": None, "self_normalize": False}
                for o, b in blocks.items() if o != "isdpo_noclip")
+
+
+def test_every_task_runtime_has_its_file_and_registered_schema():
+    """A task is its runtime (isdpo.tasks.TASKS), its conf/task file and the schema that file extends, registered
+    with schema.task_schema; Config.check reads what a task offers from that schema's flags."""
+    from isdpo.tasks import TASKS
+
+    schemas = {}
+    for option in group_options("task"):
+        cfg = compose_cfg([f"task={option}", "model=llama32_3b"])
+        assert OmegaConf.get_type(cfg.task) in TASK_SCHEMAS.values(), option
+        schemas[cfg.task.name] = OmegaConf.get_type(cfg.task)
+    assert set(schemas) == set(TASKS)
+    assert {n for n, s in schemas.items() if s.judgeable} == {"tldr", "hh"}
+    assert {n for n, s in schemas.items() if not s.has_golden_reward} == {"preference"}
+    assert {n for n, s in schemas.items() if not s.needs_tokenizer} == {"synthetic"}
 
 
 def _flat(node, prefix=""):

@@ -1,7 +1,8 @@
 """What a task gives the stages, and the registry of tasks (``conf/task/<name>.yaml`` -> a class here).
 
 A new task is one module that defines a class with this interface, decorated with ``@register("name")``
-and imported in ``isdpo/tasks/__init__.py``, plus one YAML file in ``conf/task/``.
+and imported in ``isdpo/tasks/__init__.py``, a YAML file in ``conf/task/`` and the schema it extends
+(docs/architecture.md, "Where to add").
 """
 from __future__ import annotations
 
