@@ -25,10 +25,6 @@ from isdpo.schema import default_of, flatten
 RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
     ".hydra/overrides.yaml"
 RUN_CONFIG = "run_config.json"
-#: Config keys ``run_config.json`` leaves out (``isdpo.run_guard.NOT_IDENTITY``): where and how a run was written.
-#: The report takes them from ``.hydra/config.yaml``.
-NOT_RECORDED = ("logger", "stage", "paths", "experiment", "run_name", "judge", "hydra", "task.train.resume",
-                "task.train.checkpoint_every_n_steps", "hardware.num_workers", "hardware.torch_threads")
 
 #: Top-level config keys that say where and under which name a run wrote, not what it computed: they never
 #: tell two runs apart.
@@ -250,15 +246,11 @@ def _same(a, b) -> bool:
     return a == b or format_value(a) == format_value(b)
 
 
-def _not_recorded(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in NOT_RECORDED)
-
-
 def merge_config(recorded: dict[str, Any], written: dict[str, Any] | None) -> tuple[dict[str, Any], list[str]]:
     """A run's config from its record (``run_config.json``, resolved) and ``.hydra/config.yaml`` (as written):
-    the recorded value of every key the record has, the written one of the keys it leaves out (``NOT_RECORDED``),
-    and the written interpolation where it resolves to the recorded value (``task.data_seed: ${seed}`` stays one
-    setting across seeds). A key in neither the record nor ``NOT_RECORDED`` stays absent (``fill_defaults``).
+    the recorded value of every key the record has, the written one of the keys it leaves out (where and how the
+    run was written: ``isdpo.run_guard.NOT_IDENTITY``), and the written interpolation where it resolves to the
+    recorded value (``task.data_seed: ${seed}`` stays one setting across seeds).
 
     Returns (config in .hydra's key order, the keys where .hydra says something else than the record).
     """
@@ -267,8 +259,7 @@ def merge_config(recorded: dict[str, Any], written: dict[str, Any] | None) -> tu
     differs: list[str] = []
     for key in list(written) + [k for k in recorded if k not in written]:
         if key not in recorded:
-            if _not_recorded(key):
-                merged[key] = written[key]
+            merged[key] = written[key]
             continue
         value = merged[key] = recorded[key]
         if key not in written:
