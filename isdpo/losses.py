@@ -1,9 +1,11 @@
-"""Losses of direct alignment algorithms (DAAs) and their importance-sampled versions.
+"""Losses of direct alignment algorithms (DAAs) and their importance-sampled versions (IS-DAA, Nguyen et al. 2025,
+"Mitigating Reward Over-optimization in Direct Alignment Algorithms with Importance Sampling", arXiv 2506.08681).
 
-Every loss here is a pure function of per-pair *sequence* log-probabilities (tensors of shape
-[B]); nothing here knows about models, Lightning or Hydra. The training module computes the
-log-probs, packs them in a :class:`PairLogps` and calls a :class:`DAALoss` built once from the
-config by :func:`build_loss`.
+Every loss is a pure function of per-pair *sequence* log-probabilities (tensors of shape [B]), registered in
+:data:`LOSSES`; nothing here knows about models, Lightning or Hydra. :func:`importance_weights` multiplies any of
+them by the detached, clipped pair ratio, and :func:`build_loss` builds from the config the :class:`DAALoss` the
+training module calls on a :class:`PairLogps`. Derivations, the paper's protocol and the options that are NOT
+the paper's: docs/method.md (sections 2 to 4).
 
 Notation (used in every docstring below)::
 
@@ -15,26 +17,9 @@ Notation (used in every docstring below)::
     |y|           number of response tokens of y
     f             a base DAA's per-pair loss; the batch loss is its mean over the pairs
 
-Importance sampling (Nguyen et al. 2025, "Mitigating Reward Over-optimization in Direct
-Alignment Algorithms with Importance Sampling", arXiv 2506.08681) is one composable piece,
-:func:`importance_weights`, that multiplies any base loss::
-
-    log w  = [log pi(y_w) - log mu(y_w)] + [log pi(y_l) - log mu(y_l)]   (mu = behaviour policy,
-                                                                         pi_ref unless the data
-                                                                         carry mu's log-probs)
-    w_clip = exp(min(log w, log_clip))
-    L      = mean over the batch of stopgrad(w_clip) * f
-
-Options that are NOT the paper's are labelled as such where they appear (``weight="token_mean"``,
-``lower_log_clip``, ``self_normalize``). Derivations and the paper's protocol: docs/method.md.
-
-Numerics: inputs in bf16/fp16/fp32 are computed in fp32 and float64 stays float64 (for
-``torch.autograd.gradcheck``); with the default clips, sequence log-ratios of +-1e4 give finite
-losses, gradients and metrics, because log-sigmoids use ``F.logsigmoid`` and weights are clipped
-in log space before ``exp``.
-
-Metric names follow TRL's DPOTrainer ("rewards/chosen", ...) so dashboards carry over; the
-importance-sampling diagnostics live under "is/".
+Inputs in bf16/fp16/fp32 are computed in fp32 (float64 stays float64, for gradcheck); with the default clips,
+sequence log-ratios of +-1e4 still give finite losses, gradients and metrics. Metric names follow TRL's
+DPOTrainer ("rewards/chosen", ...); the importance-sampling diagnostics live under "is/".
 """
 
 from __future__ import annotations
@@ -47,6 +32,8 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from isdpo.schema import ImportanceSampling
 
 __all__ = [
     "PairLogps",
@@ -185,6 +172,17 @@ def _ref_rewards(lp: PairLogps, beta: float) -> tuple[Tensor, Tensor]:
     )
 
 
+def _log_ratios(lp: PairLogps) -> tuple[Tensor, Tensor]:
+    """(r_w, r_l): the policy's log-ratios to the reference on the chosen and the rejected response."""
+    return lp.policy_chosen - lp.ref_chosen, lp.policy_rejected - lp.ref_rejected
+
+
+def _rho(lp: PairLogps) -> Tensor:
+    """rho = r_w - r_l, the DPO "logits"."""
+    r_w, r_l = _log_ratios(lp)
+    return r_w - r_l
+
+
 def _length_normalised_rewards(lp: PairLogps, beta: float) -> tuple[Tensor, Tensor]:
     return (
         (beta * lp.policy_chosen / lp.chosen_lengths).detach(),
@@ -239,7 +237,7 @@ def dpo_loss(logps: PairLogps, beta: float, *, label_smoothing: float = 0.0):
     f(u) = -log sigmoid(u).
     """
     lp = _prepare(logps, "dpo")
-    u = beta * ((lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected))
+    u = beta * _rho(lp)
     f = -(1.0 - label_smoothing) * F.logsigmoid(u)
     if label_smoothing:
         f = f - label_smoothing * F.logsigmoid(-u)
@@ -258,7 +256,7 @@ def ipo_loss(logps: PairLogps, beta: float):
     instead, so the two differ by the length scale.
     """
     lp = _prepare(logps, "ipo")
-    rho = (lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected)
+    rho = _rho(lp)
     f = (rho - 1.0 / (2.0 * beta)) ** 2
     return (f, *_ref_rewards(lp, beta))
 
@@ -276,7 +274,7 @@ def slic_loss(logps: PairLogps, beta: float):
     differentiable at beta*rho = 1 (torch takes gradient 0 there).
     """
     lp = _prepare(logps, "slic")
-    rho = (lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected)
+    rho = _rho(lp)
     f = torch.relu(1.0 - beta * rho)
     return (f, *_ref_rewards(lp, beta))
 
@@ -293,7 +291,7 @@ def rpo_loss(logps: PairLogps, beta: float, *, eta: float = 0.005):
     docs/method.md#rpo.
     """
     lp = _prepare(logps, "rpo")
-    u = beta * ((lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected))
+    u = beta * _rho(lp)
     f = -F.logsigmoid(u) - beta * eta * lp.policy_chosen
     return (f, *_ref_rewards(lp, beta))
 
@@ -314,8 +312,7 @@ def chipo_loss(logps: PairLogps, beta: float, *, log_ratio_clip: float | None = 
     [-2 R_max, 2 R_max] is not implemented. See docs/method.md#chi-po.
     """
     lp = _prepare(logps, "chipo")
-    r_w = lp.policy_chosen - lp.ref_chosen
-    r_l = lp.policy_rejected - lp.ref_rejected
+    r_w, r_l = _log_ratios(lp)
     if log_ratio_clip is not None:
         e_w, e_l = torch.exp(r_w.clamp(max=log_ratio_clip)), torch.exp(r_l.clamp(max=log_ratio_clip))
     else:
@@ -336,7 +333,7 @@ def rdpo_loss(logps: PairLogps, beta: float, *, alpha: float = 0.01):
     pushes less. ``alpha < 0`` gives the other sign. Derivation: docs/method.md#r-dpo.
     """
     lp = _prepare(logps, "rdpo")
-    rho = (lp.policy_chosen - lp.ref_chosen) - (lp.policy_rejected - lp.ref_rejected)
+    rho = _rho(lp)
     f = -F.logsigmoid(beta * rho + alpha * (lp.chosen_lengths - lp.rejected_lengths))
     return (f, *_ref_rewards(lp, beta))
 
@@ -383,17 +380,18 @@ def simpo_loss(logps: PairLogps, beta: float, *, gamma_beta_ratio: float = 0.5):
 # --------------------------------------------------------------------------------------------
 
 _IS_WEIGHTINGS = ("sequence", "token_mean")
-_IS_KEYS = ("enabled", "log_clip", "weight", "lower_log_clip", "self_normalize")
+_IS_KEYS = tuple(f.name for f in fields(ImportanceSampling))
 
 
 @dataclass(frozen=True)
 class ISConfig:
-    """Validated importance-sampling options of a :class:`DAALoss` (see :func:`importance_weights`)."""
+    """Validated importance-sampling options of a :class:`DAALoss` (see :func:`importance_weights`); the defaults
+    are the config's (isdpo.schema.ImportanceSampling)."""
 
-    log_clip: float | None = 2.0
-    weight: str = "sequence"
-    lower_log_clip: float | None = None
-    self_normalize: bool = False
+    log_clip: float | None = ImportanceSampling.log_clip
+    weight: str = ImportanceSampling.weight
+    lower_log_clip: float | None = ImportanceSampling.lower_log_clip
+    self_normalize: bool = ImportanceSampling.self_normalize
 
 
 def _is_number(v) -> bool:
@@ -443,10 +441,10 @@ def _is_metrics(log_w_raw: Tensor, log_w: Tensor) -> dict[str, Tensor]:
 def importance_weights(
     logps: PairLogps,
     *,
-    log_clip: float | None = 2.0,
-    weight: str = "sequence",
-    lower_log_clip: float | None = None,
-    self_normalize: bool = False,
+    log_clip: float | None = ISConfig.log_clip,
+    weight: str = ISConfig.weight,
+    lower_log_clip: float | None = ISConfig.lower_log_clip,
+    self_normalize: bool = ISConfig.self_normalize,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Detached, clipped pair importance weights of IS-DAA (Nguyen et al. 2025, arXiv 2506.08681).
 
@@ -689,7 +687,7 @@ def build_loss(
 
     Called as ``build_loss(cfg.loss.base, cfg.beta, cfg.loss.params, cfg.loss.importance_sampling)``.
 
-    base: a key of :data:`LOSSES` (chipo, dpo, ipo, rdpo, rpo, simpo, sft, slic).
+    base: a key of :data:`LOSSES`.
     beta: > 0.
     params: keyword parameters of the base loss (the keyword-only arguments of its function);
         missing ones take the function's defaults; unknown names and out-of-range values are

@@ -118,7 +118,8 @@ class Model:
 class ImportanceSampling:
     """IS-DAA weighting (Nguyen et al. 2025, arXiv 2506.08681; docs/method.md), the same defaults for every
     loss: off, with the paper's settings ready for the IS variants (conf/loss/is*.yaml) that switch it on.
-    Values and their allowed ranges are checked by isdpo.losses.build_loss."""
+    The one home of these defaults (isdpo.losses takes its own from here); values and their allowed ranges
+    are checked by isdpo.losses.build_loss."""
 
     enabled: bool = False  # true = weight each pair by stopgrad(w_clip) (IS-DAA)
     log_clip: Optional[float] = 2.0  # upper cap on log w (paper code: 2*eps, eps=1.0 in all released runs); null = no clip

@@ -225,6 +225,16 @@ def test_every_task_runtime_has_its_file_and_registered_schema():
     assert {n for n, s in schemas.items() if not s.needs_tokenizer} == {"synthetic"}
 
 
+def test_online_variants_are_their_base_loss_trained_online():
+    """loss=online_dpo and loss=online_ipo are loss=dpo and loss=ipo with loss.online=true (docs/method.md)."""
+    online = {o for o in group_options("loss") if compose_cfg([f"loss={o}"]).loss.online}
+    assert online == {"online_dpo", "online_ipo"}
+    for variant in online:
+        base = variant.removeprefix("online_")
+        expected = {**OmegaConf.to_container(compose_cfg([f"loss={base}"]).loss), "name": variant, "online": True}
+        assert OmegaConf.to_container(compose_cfg([f"loss={variant}"]).loss) == expected
+
+
 def _flat(node, prefix=""):
     out = {}
     for k, v in node.items():

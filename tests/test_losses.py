@@ -16,6 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from isdpo import losses as losses_module
 from isdpo.losses import (
     LOSSES,
     DAALoss,
@@ -25,6 +26,7 @@ from isdpo.losses import (
     build_loss,
     importance_weights,
 )
+from isdpo.schema import ImportanceSampling
 from tests.hydra_utils import compose_cfg
 
 CONF_LOSS = Path(__file__).resolve().parents[1] / "conf" / "loss"
@@ -214,12 +216,40 @@ def test_simpo_values_reference_free():
     assert_values(build_loss("simpo", 2.0)(hand_batch()), [sp(13 / 15), sp(1.2)])
 
 
+def base_loss_functions() -> dict[str, object]:
+    """The functions of isdpo.losses with a base loss's signature ``fn(logps, beta, ...)``."""
+    return {name: fn for name, fn in vars(losses_module).items()
+            if inspect.isfunction(fn) and fn.__module__ == losses_module.__name__
+            and list(inspect.signature(fn).parameters)[:2] == ["logps", "beta"]}
+
+
 def test_registry_is_complete():
-    assert sorted(LOSSES) == ["chipo", "dpo", "ipo", "rdpo", "rpo", "sft", "simpo", "slic"]
+    """A new loss is its function (registered in LOSSES), its conf/loss file and its tests; nothing else lists
+    the losses, so the registry is checked against those."""
+    assert sorted(fn.__name__ for fn in LOSSES.values()) == sorted(base_loss_functions())  # every one registered
+    assert len(LOSSES) >= 8  # the scan saw the module's losses
+    tests = [name for name in globals() if name.startswith("test_")]
     for name, fn in LOSSES.items():
+        assert fn.__name__ == f"{name}_loss"
         assert fn.__doc__, name
         assert "arXiv" in fn.__doc__ or name == "sft", name  # SFT is the one loss without a paper
         assert isinstance(fn.needs_reference, bool) and isinstance(fn.needs_lengths, bool)
+        assert yaml_base(CONF_LOSS / f"{name}.yaml") == name, f"conf/loss/{name}.yaml: the loss's own config"
+        assert any(t.startswith(f"test_{name}_") for t in tests), f"test_{name}_...: its hand-derived values"
+
+
+def yaml_base(path: Path) -> str | None:
+    return OmegaConf.load(path).get("base") if path.exists() else None
+
+
+def test_importance_sampling_defaults_have_one_home():
+    """The config's IS block (isdpo.schema.ImportanceSampling) gives ISConfig and importance_weights their
+    defaults: a direct call, a built loss and a config that leaves the block alone weight the same way."""
+    home = {k: v for k, v in vars(ImportanceSampling()).items() if k != "enabled"}
+    assert vars(ISConfig()) == home
+    signature = inspect.signature(importance_weights).parameters
+    assert {k: signature[k].default for k in home} == home
+    assert build_loss("dpo", 0.1, importance_sampling={"enabled": True}).importance_sampling == ISConfig()
 
 
 # ------------------------------------------------------------------------------------------
@@ -527,7 +557,7 @@ def test_gradcheck_chipo_with_binding_clip():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(base="foo", beta=0.1), "loss.base='foo' is not a known loss; available: chipo, dpo, ipo, rdpo, rpo, sft, simpo, slic"),
+        (dict(base="foo", beta=0.1), "loss.base='foo' is not a known loss; available: " + ", ".join(sorted(LOSSES))),
         (dict(base="dpo", beta=-0.1), "beta must be > 0 (got -0.1)"),
         (dict(base="dpo", beta=0), "beta must be > 0 (got 0)"),
         (dict(base="dpo", beta="0.1"), "beta must be a finite number > 0 (got '0.1')"),
@@ -620,8 +650,10 @@ IS_KEYS = {"enabled", "log_clip", "weight", "lower_log_clip", "self_normalize"}
 
 
 def test_loss_config_folder_has_the_expected_choices():
+    """Every base loss has its file (test_registry_is_complete), and the paper's methods and online training
+    theirs: its IS variants of DPO, IPO and SLiC, and online DPO and IPO (docs/method.md)."""
     names = {p.stem for p in LOSS_FILES}
-    assert {"dpo", "ipo", "slic", "rpo", "chipo", "rdpo", "sft", "simpo", "isdpo", "isipo", "isslic"} <= names
+    assert set(LOSSES) | {"isdpo", "isipo", "isslic", "online_dpo", "online_ipo"} <= names
 
 
 @pytest.mark.parametrize("path", LOSS_FILES, ids=lambda p: p.stem)
