@@ -45,6 +45,9 @@ def test_every_config_composes_and_validates(group, option, tmp_path):
         extra = ["task=hh", "model=llama32_3b"]
     cfg = compose_cfg([f"{group}={option}", *extra], tmp_path)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    node = cfg[group]
+    assert OmegaConf.get_type(node) in SCHEMAS.values(), "the file extends one of its group's schemas"
+    assert (node.name if "name" in node else node.backend) == option  # the file is the option it is named after
     local = cfg.model.pretrained and str(cfg.model.pretrained).startswith(("/", ".", "~"))
     if group == "model" and local and not (ROOT / str(cfg.model.pretrained)).exists():
         pytest.skip(f"model={option} points to a local file that a fresh checkout does not have")
@@ -131,7 +134,10 @@ def test_bad_values_give_the_intended_message(overrides, message, tmp_path):
 
 
 def test_largest_seed_is_valid(tmp_path):
-    validate(compose_cfg(["seed=4294967295", "task.sft.seed=4294967295", "task.eval.seed=0"], tmp_path))
+    cfg = compose_cfg(["seed=4294967295", "task.sft.seed=4294967295", "task.eval.seed=0"], tmp_path)
+    validate(cfg)
+    assert (cfg.seed, cfg.task.sft.seed, cfg.task.eval.seed) == (2**32 - 1, 2**32 - 1, 0)
+    assert cfg.task.data_seed == 2**32 - 1  # the data seed follows the run's seed
 
 
 UNKNOWN = [
@@ -155,16 +161,18 @@ def test_plus_override_of_an_unknown_key_names_the_closest_keys(overrides, messa
         validate(cfg)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["+sweep=synthetic_small"],  # `+` on a config group (a new defaults entry), not a value
-    ["+sweep=is_clip", "seed=1", "beta=0.05"],
-    ["++task.train.lr=0.001"],  # `++` forces: override or add, on purpose
-    ["task.train.lr=0.001"],
-    ["+model.config.rope_theta=10000.0"],  # model.config and loss.params are free keyword arguments
-    ["loss=rdpo", "++loss.params.alpha=0.02"],
-], ids=lambda v: " ".join(v))
-def test_plus_on_a_group_and_plain_overrides_still_validate(overrides, tmp_path):
-    validate(compose_cfg(overrides, tmp_path))
+@pytest.mark.parametrize("overrides,key,value", [
+    (["+sweep=synthetic_small"], "experiment", "synthetic_small"),  # `+` on a config group (a new defaults entry)
+    (["+sweep=is_clip", "seed=1", "beta=0.05"], "experiment", "is_clip"),
+    (["++task.train.lr=0.001"], "task.train.lr", 0.001),  # `++` forces: override or add, on purpose
+    (["task.train.lr=0.001"], "task.train.lr", 0.001),
+    (["+model.config.rope_theta=10000.0"], "model.config.rope_theta", 10000.0),  # model.config, loss.params: kwargs
+    (["loss=rdpo", "++loss.params.alpha=0.02"], "loss.params.alpha", 0.02),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_plus_on_a_group_and_plain_overrides_still_validate(overrides, key, value, tmp_path):
+    cfg = compose_cfg(overrides, tmp_path)
+    validate(cfg)
+    assert OmegaConf.select(cfg, key) == value  # the override reached its key
 
 
 def test_a_typo_in_a_config_file_fails_when_composing(tmp_path):
