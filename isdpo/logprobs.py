@@ -1,23 +1,11 @@
-"""Sequence log-probabilities of responses under a causal LM.
+"""Sequence log-probabilities of responses under a causal LM: log pi(y|x), summed over the response tokens, for a
+batch whose chosen and rejected responses are stacked along the batch axis (isdpo.data.collate), so one forward
+per model serves both halves of every pair.
 
-Every DAA in isdpo.losses needs, per sequence, log pi(y|x) = sum over response
-tokens of log pi(y_t | x, y_<t). This module computes it for a batch in which
-chosen and rejected responses are stacked along the batch axis (see
-isdpo.data.collate), so ONE forward per model serves both halves of every pair.
-
-Two paths give the same numbers (tests/test_logprobs.py):
-- ``response_only=True`` (default): run the decoder body, keep the hidden states
-  at the response positions only and apply the LM head to those. Neither the
-  full [N, T, V] logits nor a [N, T, V] log-softmax is ever built; prompt and
-  padding positions cost nothing in the head.
-- ``response_only=False``: the model's own forward and a selective log-softmax
-  (gather minus logsumexp, as TRL's ``selective_log_softmax``) over all positions.
-
-:func:`batch_logps` is the entry point of the training module: it reads either a padded batch
-(isdpo.data.collate.PreferenceCollator; one concatenated forward, or with ``concatenated=False``
-one forward for the chosen rows and one for the rejected rows, the slower path kept to check the
-fast one) or a packed, padding-free batch (isdpo.data.batching.PackedPreferenceCollator; see
-:func:`packed_sequence_logps`). All paths give the same numbers (tests/test_fast_path.py).
+:func:`batch_logps` is the training module's entry point (padded batches, or packed padding-free ones:
+:func:`packed_sequence_logps`); with ``response_only=True`` the LM head runs at the response positions only and
+the [N, T, V] logits are never built. Every path gives the same numbers (tests/test_logprobs.py,
+tests/test_fast_path.py). :func:`response_logps` and :func:`inference` serve evaluation and the reference pass.
 """
 from __future__ import annotations
 

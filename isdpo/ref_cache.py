@@ -1,26 +1,11 @@
-"""Reference log-probs precomputed once, before preference training, and cached on disk.
+"""Reference log-probs precomputed once before preference training and cached (TRL's
+``precompute_ref_log_probs``): each example then carries ``chosen_ref_logp`` / ``rejected_ref_logp`` and
+isdpo.module.PreferenceModule needs no reference forward.
 
-Every DAA needs log pi_ref(y|x) of both responses of every pair; the reference never changes,
-so one no-grad pass before training replaces a reference forward at every step of every epoch
-(TRL's ``precompute_ref_log_probs``). The result is cached at
-``<cache_dir>/ref_logps/<hash>/ref_logps.pt`` where the hash is of
-
-- the reference WEIGHTS themselves (every tensor's name, shape, dtype and bytes), so a
-  retrained reference never reuses stale numbers, whatever its path;
-- the tokenizer's identity and the length settings;
-- the DATA: every pair's prompt/chosen/rejected token ids, in order;
-- the training precision when it is a mixed one (the pass runs under the same autocast as the policy's
-  forward, so at step 0, policy == reference, log w = 0 up to rounding); float32's key has no entry for it;
-
-so all the jobs of a sweep (losses x betas x seeds) share one pass (with several data-parallel
-ranks, rank 0 computes it and the others wait for the entry: isdpo.artifacts). Each example then carries
-``chosen_ref_logp`` / ``rejected_ref_logp``, which isdpo.module.PreferenceModule uses instead of
-a reference forward (the reference may then be None).
-
-The numbers are those of the online path: the same right-padded concatenation
-(isdpo.data.collate.pad_sequences) and the same summed response log-probs
-(isdpo.logprobs.sequence_logps); only the batch composition differs, which changes nothing
-beyond float rounding (tests/test_real_pipeline.py checks the loss agrees).
+The entry (``<cache_dir>/ref_logps/<hash>``, built once for all the jobs and ranks of a sweep: isdpo.artifacts) is
+keyed by the reference's weights themselves, the tokenizer and length settings, every pair's token ids and a mixed
+training precision (:func:`add_reference_logps`), so a retrained reference never reuses stale numbers. They are the
+online path's up to float rounding (tests/test_real_pipeline.py).
 """
 from __future__ import annotations
 

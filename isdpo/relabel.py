@@ -1,26 +1,10 @@
-"""Relabelling: the golden reward model labels the preference set (run by stage=relabel, isdpo.stages.relabel).
+"""Relabelling (stage=relabel): the golden reward model scores the preference pairs and the higher-scoring response
+becomes *chosen*, as every label is in the paper's setting (arXiv 2506.08681, section 5).
 
-In the paper's setting every preference label comes from the golden RM (arXiv 2506.08681 section 5):
-response pairs are scored and the higher-scoring response becomes *chosen*. Two sources:
-
-- ``relabel.source=dataset``: the data set's own pairs (train split), re-ordered by golden score.
-  Their behaviour policy is unknown (human-written / other models), so no behaviour log-probs are
-  written and IS uses mu = pi_ref.
-- ``relabel.source=generate``: ``k`` responses per prompt sampled from the SFT policy (temperature
-  / top-p of the block; the released code uses up to 4), all scored, paired ``best_worst`` (one
-  pair per prompt: highest vs lowest score) or ``all`` (every pair with different scores). The
-  log-probability of each response under the distribution it was SAMPLED from (the SFT policy
-  after the temperature and top-p warpers) is kept as ``chosen_behavior_logp`` /
-  ``rejected_behavior_logp``, so IS-DAA can use mu != pi_ref. With temperature 1 and top-p 1
-  it equals log pi_ref.
-
-Pairs whose two scores are equal carry no label and are dropped (counted).
-
-Output (``task.relabel.path`` or ``<cache_dir>/relabel/<hash>``): ``pairs.jsonl`` (or
-``pairs.parquet``) with columns prompt, chosen, rejected, chosen_score, rejected_score, plus
-``flipped`` (dataset source: the RM disagrees with the data set's label) or prompt_ids /
-chosen_ids / rejected_ids and the behaviour log-probs (generate source: the exact sampled
-tokens, never re-tokenized); ``meta.json`` with the counts.
+``relabel.source=dataset`` (:func:`relabel_pairs`) re-orders the data set's own pairs; their behaviour policy is
+unknown, so IS uses mu = pi_ref. ``generate`` (:func:`generate_pairs`) samples ``k`` responses per prompt from the SFT
+policy, pairs them ``best_worst`` or ``all`` (:func:`pair_up`) and keeps each response's log-probability under the
+distribution it was sampled from, IS's mu. Pairs with equal scores are dropped. The files: :func:`write_rows`.
 """
 from __future__ import annotations
 
@@ -37,6 +21,11 @@ from isdpo.schema import RELABEL_PAIRINGS
 
 
 def write_rows(rows: list[dict], path: Path) -> None:
+    """The relabelled pairs at ``path`` (``pairs.jsonl`` or ``pairs.parquet`` in ``task.relabel.path`` or
+    ``<cache_dir>/relabel/<hash>``, beside ``meta.json`` with the counts): prompt, chosen, rejected, chosen_score,
+    rejected_score, plus ``flipped`` (dataset source: the RM disagrees with the data set's label) or prompt_ids /
+    chosen_ids / rejected_ids and ``chosen_behavior_logp`` / ``rejected_behavior_logp`` (generate source: the exact
+    sampled tokens, never re-tokenized)."""
     if path.suffix == ".parquet":
         import pyarrow as pa  # optional: only for task.relabel.format=parquet
         import pyarrow.parquet as pq

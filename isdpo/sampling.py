@@ -1,17 +1,10 @@
-"""Batched sampling from a causal LM with a KV cache and left padding.
+"""Batched sampling from a causal LM with a KV cache and left padding: the same samples as Hugging Face's
+``generate(do_sample=True, top_k=0)`` for the same seed (tests/test_sampling.py), without its per-call and per-step
+overhead; only temperature and top-p shape the distribution, whatever a checkpoint's generation config says.
 
-The loop calls the model as Hugging Face's ``generate(do_sample=True, top_k=0)`` does at each step (the prompt,
-then one token at a time with the cache and the extended attention mask), warps the float32 logits with the same
-temperature and top-p warpers, and draws with ``torch.multinomial`` from the softmax: the same samples for the
-same seed (tests/test_sampling.py), without ``generate``'s per-call and per-step overhead. Only temperature and
-top-p shape the distribution (the evaluation protocol), whatever a checkpoint's own generation config says.
-
-:func:`sample_each` samples several settings (temperature, top-p, seed) of the same prompts in one pass, one
-forward per step for all of them; each setting draws from its own generator, so it gets exactly the samples it
-gets alone: the evaluation's win-rate and KL samples cost one loop instead of two. With ``logps=True`` it also
-returns each sample's log-probability under the model's own distribution (temperature 1, no top-p), summed over the
-response from the logits it drew from: the KL estimate needs no second forward of the policy over its samples
-(equal to a full forward's log-probs up to float rounding, ~1e-6: tests/test_sampling.py).
+:func:`sample_each` samples several settings (temperature, top-p, seed) of the same prompts in one pass, each from
+its own generator, and optionally returns each sample's log-probability under the model's own distribution (the
+evaluation's KL needs no second forward); :func:`sample_responses` is the one-setting form.
 """
 from __future__ import annotations
 
