@@ -9,6 +9,7 @@ import warnings
 
 import hydra
 from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 from isdpo.resolvers import register as register_resolvers
@@ -29,18 +30,32 @@ register_resolvers()
 store_schemas(ConfigStore.instance())
 
 
+class UserError(CompactHydraException):
+    """A mistake in the config, the data or the paths: Hydra prints this message alone, without a traceback."""
+
+
+def user_error(err: BaseException) -> UserError:
+    """``err`` as the one message a user sees (ISDPO_TRACEBACK=1: the error itself, with its traceback)."""
+    return UserError(f"[isdpo] error: {err}\n(ISDPO_TRACEBACK=1 shows where it was raised)")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     # `lightning`'s own handler prints its lines; without this they would print twice in a worker of
     # hydra/launcher=joblib, which runs this function but not this file's top-level code.
     logging.getLogger("lightning").propagate = False
     # Imported here, not at the top: `--help`, `--cfg` and a multirun's parent process never load torch.
-    from isdpo.config import validate
+    from isdpo.config import USER_ERRORS, validate
     from isdpo.stages import run_stage
     from isdpo.stages.align import summary
 
-    validate(cfg)
-    result = run_stage(cfg)
+    try:
+        validate(cfg)
+        result = run_stage(cfg)
+    except USER_ERRORS as err:
+        if os.environ.get("ISDPO_TRACEBACK", "") not in ("", "0"):
+            raise
+        raise user_error(err) from None
     if isinstance(result, dict) and result.get("final"):
         print(f"[isdpo] {cfg.run_name}: {summary(result)}")
         print(f"[isdpo] results: {cfg.paths.output_dir}/result.json, curve: {cfg.paths.output_dir}/metrics.jsonl")

@@ -19,6 +19,7 @@ from isdpo.logprobs import inference
 from isdpo.losses import PairLogps
 from isdpo.module import NonFiniteError, PreferenceModule, nonfinite_tensors
 from isdpo.timing import TIMER
+from isdpo.tracking import with_sqrt_kl
 from isdpo.trainer import full_state_dict
 
 
@@ -148,8 +149,10 @@ class EvalCallback(L.Callback):
         row = {"step": step, "epoch": trainer.current_epoch, **res}
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        # The loggers also get sqrt(KL), the x-axis of the paper's over-optimization figure (metrics.jsonl keeps
+        # the measured values only).
         for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in res.items()}, step=step)
+            logger.log_metrics({f"eval/{k}": v for k, v in with_sqrt_kl(res).items()}, step=step)
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step > 0:  # resumed: the checkpoint's step was evaluated before it was written

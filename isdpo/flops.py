@@ -7,12 +7,26 @@ per token and a backward pass 4N, N = parameters that take part in matrix multip
     step FLOPs = 6 N_policy * policy tokens + 2 N_ref * reference tokens   (reference: forward only)
     MFU        = step FLOPs / step seconds / peak FLOP/s of one device
 
+The backward's 4N is two products per weight matrix W (y = W x): the gradient of its input, W^T dy (2 FLOPs
+per weight per token), which carries the gradient down to the layers below, and the gradient of W itself,
+dy x^T (2 more), which only a trained W needs. With frozen weights (LoRA: the base is frozen, the adapters
+train) the second product is skipped for them, so a trained token costs::
+
+    2 N (forward) + 2 N (input gradients) + 2 N_trained (weight gradients) = 4 N + 2 N_trained
+
+N counting the adapters' own matrices too (N_trained = the adapters': r (d_in + d_out) per adapted matrix,
+~1% of N at r = 16). Full fine-tuning (N_trained = N) gives back 6N; under LoRA it is ~4N, and 6N would
+overstate the work by ~50%.
+
 - N (:func:`matmul_params`) = all parameters minus the input embedding (a lookup, no FLOPs), plus
   the LM head when it is tied to the embedding (the head still multiplies).
 - Tokens are the non-padding tokens the model actually runs (isdpo.logprobs.batch_token_counts):
   padding is not useful work, and a prompt shared by chosen and rejected (packed batches) counts
   once, because it runs once. Reference tokens count only when the reference runs online (no
   ``chosen_ref_logp`` in the batch).
+- Online training (isdpo.online): the tokens are those of the pairs the step sampled and trained on; the
+  sampling itself (a forward per generated token) is in the step's time but not in its FLOPs, so an online
+  run's MFU counts the training alone.
 - Left out, as in the 6N rule: attention's quadratic term (12 * layers * d_model * context per
   token for forward+backward; a few % at 135M parameters and 600-token rows, more for longer rows)
   and the LM head work that the response-only head skips. So MFU is a slight under-estimate of
@@ -83,14 +97,16 @@ def peak_flops(device_name: str, precision: str | int | None = "bf16-mixed", tf3
     return None if key is None else PEAK_TFLOPS[key][math_type(precision, tf32)] * 1e12
 
 
-def matmul_params(model) -> int:
-    """N of the 6N rule: parameters minus the input embedding, plus the LM head if it is tied to it."""
-    total = sum(p.numel() for p in model.parameters())
+def matmul_params(model, trained_only: bool = False) -> int:
+    """N of the 6N rule: parameters minus the input embedding, plus the LM head if it is tied to it;
+    ``trained_only``: of those, the ones that train (``requires_grad``)."""
+    params = [p for p in model.parameters() if p.requires_grad or not trained_only]
+    total = sum(p.numel() for p in params)
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     emb = get_in() if get_in else None
     head = get_out() if get_out else None
-    if emb is None:
+    if emb is None or not any(p is emb.weight for p in params):
         return total
     n = total - emb.weight.numel()
     if head is not None and head.weight is emb.weight:
@@ -98,9 +114,12 @@ def matmul_params(model) -> int:
     return n
 
 
-def step_flops(n_policy: int, policy_tokens: int, n_ref: int = 0, ref_tokens: int = 0) -> float:
-    """6 N per trained token (forward + backward) + 2 N per reference token (forward)."""
-    return 6.0 * n_policy * policy_tokens + 2.0 * n_ref * ref_tokens
+def step_flops(n_policy: int, policy_tokens: int, n_ref: int = 0, ref_tokens: int = 0,
+               n_trained: int | None = None) -> float:
+    """(4 N + 2 N_trained) per trained token (forward, input and weight gradients; 6 N when every weight trains,
+    ``n_trained`` None) + 2 N per reference token (forward)."""
+    n_trained = n_policy if n_trained is None else n_trained
+    return (4.0 * n_policy + 2.0 * n_trained) * policy_tokens + 2.0 * n_ref * ref_tokens
 
 
 class PerfMonitor(L.Callback):
@@ -140,6 +159,7 @@ class PerfMonitor(L.Callback):
         policy = getattr(pl_module, "policy", pl_module)
         reference = getattr(pl_module, "reference", None)
         self.n_policy = matmul_params(policy)
+        self.n_trained = matmul_params(policy, trained_only=True)
         self.n_ref = matmul_params(reference) if reference is not None else 0
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -171,12 +191,14 @@ class PerfMonitor(L.Callback):
             return
         self.busy += self._now(trainer) - self._t
         self._t = None
+        # Online training: the loader gives prompts only; the pairs the step trained on were sampled by the module.
+        batch = getattr(pl_module, "sampled_batch", None) or batch
         if isinstance(batch, dict) and "input_ids" in batch:
             seq_tokens, computed = batch_token_counts(batch)
             online_ref = bool(self.n_ref) and "chosen_ref_logp" not in batch
             self.tokens += seq_tokens
             self.flops += step_flops(self.n_policy, computed, self.n_ref if online_ref else 0,
-                                     computed if online_ref else 0)
+                                     computed if online_ref else 0, n_trained=self.n_trained)
             if hasattr(pl_module, "loss_fn"):  # a preference batch: chosen and rejected rows of B pairs
                 rows = batch["pack_n_tokens"].shape[0] if "pack_n_tokens" in batch else batch["input_ids"].shape[0]
                 self.pairs += rows // 2

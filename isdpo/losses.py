@@ -94,6 +94,8 @@ class LossOutput:
     metrics: detached scalars (see :meth:`DAALoss.__call__`).
     weights: [B] detached weight that multiplied f (after clipping and normalisation), or None
         without importance sampling.
+    base_losses: [B] detached f, the base loss before the weight (logged as ``train/base_loss`` beside ``loss``,
+        which is what is optimised), or None without importance sampling.
     """
 
     loss: Tensor
@@ -102,6 +104,7 @@ class LossOutput:
     rejected_rewards: Tensor
     metrics: dict[str, Tensor]
     weights: Tensor | None = None
+    base_losses: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,6 +677,7 @@ class DAALoss:
             rejected_rewards=rejected_rewards,
             metrics=metrics,
             weights=weights,
+            base_losses=f.detach() if weights is not None else None,
         )
 
 

@@ -227,6 +227,7 @@ class PreferenceModule(LMModule):
         self.reference = freeze(reference) if reference is not None else None
         self.loss_fn = loss_fn
         self.online = online
+        self.sampled_batch: dict | None = None  # online: the pairs the current step samples (online_batch)
         # As TRL's DPOTrainer (disable_dropout=True): with dropout the policy's log-probs at step 0 would
         # differ from the reference's, so rho != 0 and the IS weight != 1 before any training.
         # Attention dropout is no module but a float that HF attention layers (and some read it from the
@@ -259,8 +260,11 @@ class PreferenceModule(LMModule):
         )
 
     def online_batch(self, batch) -> dict:
-        """This step's pair batch for the prompts of ``batch`` (``online``), on the module's device."""
-        return move_data_to_device(self.online(self.policy, batch["prompt_ids"], self.global_step), self.device)
+        """This step's pair batch for the prompts of ``batch`` (``online``), on the module's device; also kept as
+        ``sampled_batch`` until the next one (isdpo.flops.PerfMonitor counts the tokens the step trained on)."""
+        self.sampled_batch = move_data_to_device(self.online(self.policy, batch["prompt_ids"], self.global_step),
+                                                 self.device)
+        return self.sampled_batch
 
     def training_step(self, batch, batch_idx):
         if self.online is not None:
@@ -275,6 +279,8 @@ class PreferenceModule(LMModule):
         if self.logging_step():
             n = out.losses.shape[0]  # pairs (a packed batch has fewer rows than 2B)
             self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=n)
+            if out.base_losses is not None:  # IS: train/loss is mean(w f), what is optimised; f alone beside it
+                self.log("train/base_loss", out.base_losses.mean(), prog_bar=True, batch_size=n)
             self.log_dict({f"train/{k}": v for k, v in out.metrics.items()}, batch_size=n)
         return out.loss
 

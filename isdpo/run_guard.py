@@ -21,8 +21,8 @@ from isdpo.schema import default_of, flatten
 # Keys that say where and how a run is written or watched, not what it computes: they may change between
 # a run and its resume.
 NOT_IDENTITY = ("logger", "stage", "paths", "experiment", "run_name", "judge", "hydra",
-                "task.train.resume", "task.train.checkpoint_every_n_steps", "hardware.num_workers",
-                "hardware.torch_threads")
+                "task.train.resume", "task.train.checkpoint_every_n_steps", "task.train.keep_checkpoints",
+                "hardware.num_workers", "hardware.torch_threads")
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 
 

@@ -164,6 +164,7 @@ class Hardware:
 @dataclass
 class Logger:
     name: str = one_of(LOGGERS)
+    log_every_n_steps: int = ranged(AT_LEAST_ONE, 10)  # optimizer steps between two rows of training metrics
 
 
 @dataclass
@@ -283,6 +284,7 @@ class Train:
     schedule: str = one_of(SCHEDULES)
     gradient_clip_val: float = ranged(NON_NEGATIVE)
     checkpoint_every_n_steps: int = ranged(NON_NEGATIVE)
+    keep_checkpoints: bool = True  # false: a finished run deletes checkpoints/ (policy/ and the curve stay)
     resume: bool = MISSING
     response_only_logits: bool = MISSING
     length_grouped: bool = MISSING

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfi
 from isdpo.data.loader import LoaderProgress
 from isdpo.module import check_finite_parameters
 from isdpo.schema import LOGGERS, flatten
+from isdpo.tracking import wandb_mode
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -84,29 +85,17 @@ class StopPeersOnError(L.Callback):
             launcher.kill(signal.SIGKILL)
 
 
-def accumulation(global_batch: int, per_device: int, devices: int, num_nodes: int) -> int:
-    """Gradient-accumulation steps that keep the global batch fixed across hardware."""
+def accumulation(global_batch: int, per_device: int, devices: int, num_nodes: int,
+                 keys: tuple[str, str] = ("task.train.global_batch_size", "hardware.per_device_batch_size")) -> int:
+    """Gradient-accumulation steps that keep the global batch fixed across hardware. ``keys``: the config keys of
+    the global and the per-device batch, named in the error."""
     world = per_device * devices * num_nodes
     if global_batch % world:
         raise ValueError(
-            f"train.global_batch_size={global_batch} is not a multiple of hardware.per_device_batch_size "
-            f"x devices x num_nodes = {per_device} x {devices} x {num_nodes} = {world}"
+            f"{keys[0]}={global_batch} is not a multiple of {keys[1]} x hardware.devices x hardware.num_nodes "
+            f"= {per_device} x {devices} x {num_nodes} = {world}"
         )
     return global_batch // world
-
-
-def wandb_mode(mode: str) -> str:
-    """``auto``: online only when a key is configured, so a run never fails for lack of network."""
-    if os.environ.get("WANDB_MODE") == "":
-        del os.environ["WANDB_MODE"]  # wandb rejects an empty mode
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or Path(os.path.expanduser("~/.netrc")).exists() and (
-        "api.wandb.ai" in Path(os.path.expanduser("~/.netrc")).read_text()
-    )
-    return "online" if has_key else "offline"
 
 
 def build_logger(logger_cfg: Mapping[str, Any], *, run_dir: Path, run_name: str, group: str, job_type: str,

@@ -24,7 +24,9 @@ from isdpo.data.collate import PreferenceCollator
 from isdpo.flops import PerfMonitor, matmul_params, peak_flops, step_flops
 from isdpo.logprobs import batch_logps, batch_token_counts, compile_decoder
 from isdpo.losses import PairLogps, build_loss
+from isdpo.models import add_lora
 from isdpo.module import PreferenceModule
+from isdpo.online import OnlinePairs, PromptCollator
 
 V = 23
 
@@ -318,3 +320,45 @@ def test_throughput_monitor_logs_tokens_and_mfu(models, tmp_path):
         assert h["perf/pairs_per_s"] == pytest.approx(3 / sec, rel=1e-6)
         assert h["perf/mfu"] == pytest.approx((6 * n * tokens + 2 * n * tokens) / sec / 1e12, rel=1e-6)
     assert len(auto.history) == 1 and "perf/mfu" not in auto.history[0] and auto.history[0]["perf/tokens_per_s"] > 0
+
+
+def test_online_steps_count_the_tokens_of_the_pairs_they_sampled(models, tmp_path):
+    """Online training: the loader holds prompts only; throughput and MFU count the pairs each step sampled and
+    trained on (the sampling's own forwards are in the step's time, not in its FLOPs)."""
+    policy, reference = models
+    prompts = [{"prompt_ids": p["prompt_ids"] or [1]} for p in make_pairs(n=12, seed=5)]
+    score = lambda prompts, responses: torch.tensor([float(sum(r)) for r in responses])  # noqa: E731
+    online = OnlinePairs(score, PreferenceCollator(0), pad_id=0, eos_id=None, max_new_tokens=3, seed=0)
+    module = PreferenceModule(policy, reference, build_loss("dpo", 0.5), lr=1e-3, online=online)
+    mon = PerfMonitor(peak_flops=1e12, log_every_n_steps=1)
+    sampled = []
+
+    class Sampled(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            sampled.append(pl_module.sampled_batch)
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[mon, Sampled()],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(prompts, batch_size=3, collate_fn=PromptCollator()))
+    assert [h["step"] for h in mon.history] == [2, 3, 4]
+    n = matmul_params(policy)
+    for h, batch in zip(mon.history, sampled[1:]):
+        tokens, sec = int(batch["attention_mask"].sum()), h["perf/step_s"]
+        assert tokens > 0 and h["perf/tokens_per_s"] == pytest.approx(tokens / sec, rel=1e-6)
+        assert h["perf/pairs_per_s"] == pytest.approx(3 / sec, rel=1e-6)
+        assert h["perf/mfu"] == pytest.approx((6 * n * tokens + 2 * n * tokens) / sec / 1e12, rel=1e-6)
+
+
+def test_a_lora_step_counts_no_weight_gradients_for_the_frozen_base(tiny_lm):
+    """Under LoRA a trained token costs 4N + 2N_trained FLOPs (forward, input gradients everywhere, weight
+    gradients of the adapters only), not 6N."""
+    adapted = add_lora(copy.deepcopy(tiny_lm), {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    adapters = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    n, n_trained = matmul_params(adapted), matmul_params(adapted, trained_only=True)
+    assert adapters > 0 and n_trained == adapters and n == matmul_params(tiny_lm) + adapters
+    assert step_flops(n, 5, n_trained=n_trained) == (4 * n + 2 * adapters) * 5 < 0.75 * step_flops(n, 5)
+    assert step_flops(n, 5) == 6 * n * 5  # every weight trained: the 6N rule
+    mon = PerfMonitor()
+    mon.setup(None, PreferenceModule(adapted, tiny_lm, build_loss("dpo", 0.5), lr=1e-3), "fit")
+    assert (mon.n_policy, mon.n_trained) == (n, adapters)

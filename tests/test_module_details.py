@@ -154,3 +154,34 @@ def test_metrics_are_logged_only_on_the_steps_the_loggers_take(tiny_lm, tmp_path
     assert [s for s, _ in rows] == [3, 7]
     assert {"train/loss", "train/grad_norm", "train/learning_rate", "train/rewards/margins"} <= set(rows[0][1])
     assert rows == rows_before
+
+
+@pytest.mark.parametrize("loss", ["isdpo", "dpo"])
+def test_is_losses_log_the_weighted_loss_and_the_base_loss_beside_it(loss, tiny_lm, tmp_path, capsys):
+    """train/loss is mean(w f), what is optimised; with importance sampling train/base_loss is mean(f), on the
+    progress bar too; without it there is no base_loss (train/loss is f itself)."""
+    reference = frozen_copy(tiny_lm)
+    with torch.no_grad():  # a reference that differs from the policy: the weights are not 1
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    is_cfg = {**IS, "log_clip": 2.0} if loss == "isdpo" else None
+    module = PreferenceModule(copy.deepcopy(tiny_lm).train(), reference,
+                              build_loss("dpo", 0.5, importance_sampling=is_cfg), lr=1e-3)
+    batch = PreferenceCollator(0)(pairs(4))
+    with torch.no_grad():
+        out = module.loss_fn(module.pair_logps(batch))
+    expected_f = build_loss("dpo", 0.5).__call__(module.pair_logps(batch)).losses.detach()
+    logger = Rows()
+    trainer = build_trainer(HW, max_steps=1, accumulate=1, run_dir=tmp_path, logger=logger, callbacks=[],
+                            progress=True, log_every_n_steps=1)
+    trainer.fit(module, torch.utils.data.DataLoader(pairs(4), batch_size=4, collate_fn=PreferenceCollator(0)))
+    (_, row), = [r for r in logger.rows if "train/loss" in r[1]]
+    bar = capsys.readouterr().out
+    if loss == "dpo":
+        assert out.base_losses is None and "train/base_loss" not in row and "base_loss" not in bar
+        return
+    assert torch.allclose(out.base_losses, expected_f) and torch.allclose(out.losses, out.weights * expected_f)
+    assert not torch.allclose(out.weights, torch.ones(4))
+    assert row["train/base_loss"] == pytest.approx(float(expected_f.mean()), rel=1e-5)
+    assert row["train/loss"] == pytest.approx(float(out.loss), rel=1e-5) != row["train/base_loss"]
+    assert "train/loss" in bar and "train/base_loss" in bar, bar[-2000:]

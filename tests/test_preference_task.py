@@ -301,3 +301,71 @@ def test_a_hub_data_set_with_its_own_eval_split(model_dir, tmp_path, monkeypatch
                                        "task.train.global_batch_size=16", "hardware.per_device_batch_size=16"])
     with pytest.raises(DataError, match=r"9 training pairs are fewer than task.train.global_batch_size=16: lower it"):
         rt.preference_examples(None, None)  # one of the 10 train rows held out
+
+
+def test_every_bad_row_is_reported_at_once(model_dir, tmp_path):
+    """Bad rows of any kind, anywhere in the file (both sides of the held-out carve), in one error, each with its
+    line and column; past MAX_BAD_ROWS they are counted."""
+    rows = chat_rows(30)
+    rows[2]["chosen"] = []
+    rows[7]["prompt"] = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    rows[11]["rejected"] = "just text"
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    rt = runtime(model_dir, tmp_path, [f"task.data_files.train='{path}'", "task.eval.holdout_fraction=0.5"])
+    with pytest.raises(DataError) as err:
+        rt.preference_examples(None, None)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 rows do not fit:"
+    assert sorted(lines[1:], key=lambda line: int(line.split(":")[1])) == [
+        f"  {path}:3: column 'chosen': the message list is empty; fix or remove the row",
+        f"  {path}:8: column 'prompt', message 1: role 'user' where 'assistant' belongs (roles must alternate "
+        "user/assistant after an optional system message, the prompt ending with the user's turn and the response "
+        "with the assistant's; fix or remove the row)",
+        f"  {path}:12: column 'rejected': expected a list of {{role, content}} messages (the conversational format of "
+        "most rows), got str"]
+    held = set(holdout_split(30, 0.5, 0)[1])
+    assert {2, 7, 11} & held and {2, 7, 11} - held  # bad rows on both sides of the carve
+    for r in rows[:25]:
+        r["chosen"] = []
+    path = write_jsonl(tmp_path / "worse.jsonl", rows)
+    rt = runtime(model_dir, tmp_path, [f"task.data_files.train='{path}'", f"task.data_files.eval='{path}'"])
+    with pytest.raises(DataError, match=r"^25 rows do not fit \(the first 20 shown\):\n  .*worse\.jsonl:1: ") as err:
+        rt.preference_examples(None, None)
+    assert len(str(err.value).splitlines()) == 22 and str(err.value).endswith("\n  ... and 5 more")
+    for r in rows[3:5]:
+        r["chosen"] = None
+    path = write_jsonl(tmp_path / "nulls.jsonl", rows)
+    with pytest.raises(DataError, match=r"^2 rows do not fit:\n  .*nulls\.jsonl:4: column 'chosen' is null; fix or "
+                                        r"remove the row\n  .*nulls\.jsonl:5: column 'chosen' is null"):
+        read_preference_rows(None, str(path), "train", COLUMNS)
+
+
+def test_a_bad_row_is_judged_by_the_format_of_the_whole_file(model_dir, tmp_path):
+    """A 2-row conversational file whose only good row is held out: the other row's error names the conversational
+    format (it was judged standard, from the training split's first row, with the wrong message)."""
+    good, bad = chat_rows(2)
+    bad["chosen"] = "just text"
+    (held,) = holdout_split(2, 0.5, 0)[1]
+    rows = [good, bad] if held == 0 else [bad, good]
+    path = write_jsonl(tmp_path / "two.jsonl", rows)
+    rt = runtime(model_dir, tmp_path, [f"task.data_files.train='{path}'", "task.eval.holdout_fraction=0.5"])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{2 - held}: column 'chosen': expected a list of "
+                                        r"\{role, content\} messages \(the conversational format of most rows\), got str$"):
+        rt.preference_examples(None, None)
+    rt = runtime(model_dir, tmp_path, [f"task.data_files.train='{path}'", "task.eval.holdout_fraction=0.5",
+                                       "task.format=standard"])
+    with pytest.raises(DataError, match=r"column 'prompt': expected text \(task\.format=standard\), got list"):
+        rt.preference_examples(None, None)
+
+
+def test_a_tiny_held_out_split_is_named_with_what_to_change(model_dir, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "pairs.jsonl", chat_rows(45))
+    rt = runtime(model_dir, tmp_path, [f"task.data_files.train='{path}'"])  # holdout_fraction 0.05: 2 of 45 rows
+    assert len(rt.eval_pairs(None, {"n_pairs": 256, "seed": 0})) == 2
+    out = capsys.readouterr().out
+    assert ("[isdpo] WARNING: task.eval.holdout_fraction=0.05 of 45 rows holds out 2 pair(s): their metrics "
+            "(eval/loss, eval/rewards/accuracies, ...) are noise at this size (an accuracy moves in steps of 0.5); "
+            "raise task.eval.holdout_fraction to 0.45 (20 rows) or give task.data_files.eval") in out
+    rt = runtime(model_dir, tmp_path, [f"task.data_files.train='{path}'", "task.eval.holdout_fraction=0.45"])
+    rt.eval_pairs(None, {"n_pairs": 256, "seed": 0})
+    assert "WARNING" not in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -24,6 +25,8 @@ def records(path: Path) -> list[pb.Record]:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        if pos + HEADER + length > len(data):  # still being written
+            break
         chunk, pos = data[pos + HEADER:pos + HEADER + length], pos + HEADER + length
         if kind in (FULL, FIRST):
             parts = chunk
@@ -72,8 +75,13 @@ class OfflineRun:
         return [r for r in self.history if key in r]
 
 
-def offline_run(run_dir: Path, run_id: str) -> OfflineRun:
-    """The latest offline folder of ``run_id`` under ``run_dir/wandb`` (a resume writes a folder of its own)."""
+def offline_run(run_dir: Path, run_id: str, timeout_s: float = 30.0) -> OfflineRun:
+    """The latest offline folder of ``run_id`` under ``run_dir/wandb`` (a resume writes a folder of its own), once
+    its file ends with the exit record: W&B's service may still be writing it when ``wandb.finish()`` returns."""
     paths = sorted((Path(run_dir) / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"), key=lambda p: p.stat().st_mtime)
     assert paths, f"no offline run {run_id} under {run_dir}"
+    deadline = time.monotonic() + timeout_s
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(paths[-1])):
+        assert time.monotonic() < deadline, f"{paths[-1]} has no exit record after {timeout_s} s"
+        time.sleep(0.1)
     return OfflineRun(paths[-1])

@@ -63,6 +63,37 @@ class DataError(ValueError):
     """A data set is missing, empty, or lacks a column; the message names which."""
 
 
+MAX_BAD_ROWS = 20  # rows listed in one DataError; the others are counted
+
+
+class BadRows:
+    """The rows of a data set that do not fit, reported together: fixing a file one error at a time takes a run
+    per row."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, err: DataError | str) -> None:
+        """A bad row's message (or every row of a DataError raised by a BadRows)."""
+        self.messages.extend(getattr(err, "rows", None) or [str(err)])
+
+    def error(self, message: str) -> DataError:
+        err = DataError(message)
+        err.rows = list(self.messages)  # each row's message, so another split's bad rows can join them
+        return err
+
+    def check(self) -> None:
+        """Raise one DataError naming every bad row (the first :data:`MAX_BAD_ROWS`) if there is one."""
+        n = len(self.messages)
+        if n == 1:
+            raise self.error(self.messages[0])
+        if n > 1:
+            more = n - MAX_BAD_ROWS
+            raise self.error(f"{n} rows do not fit" + (f" (the first {MAX_BAD_ROWS} shown)" if more > 0 else "") + ":\n"
+                            + "\n".join(f"  {m}" for m in self.messages[:MAX_BAD_ROWS])
+                            + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -154,13 +185,13 @@ def _is_null(value: Any) -> bool:
 
 
 def _check_cells(rows: list[dict], columns: Sequence[str], where: Any) -> None:
-    """Raise naming the row (``where(i)``) and the column on the first null or missing cell of ``columns``."""
+    """Raise naming each row (``where(i)``) with a null or missing cell of ``columns``, and the column."""
+    bad = BadRows()
     for i, r in enumerate(rows):
-        for c in columns:
-            if c not in r:
-                raise DataError(f"{where(i)}: column {c!r} is missing; fix or remove the row")
-            if _is_null(r[c]):
-                raise DataError(f"{where(i)}: column {c!r} is null; fix or remove the row")
+        c = next((c for c in columns if c not in r or _is_null(r[c])), None)
+        if c is not None:
+            bad.add(f"{where(i)}: column {c!r} is {'missing' if c not in r else 'null'}; fix or remove the row")
+    bad.check()
 
 
 def read_rows(dataset: str | None, data_files: Any, split: str, columns: Sequence[str],
@@ -311,11 +342,11 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return [i for i in range(n) if i not in held], sorted(held)
 
 
-def _messages(value: Any, where: str, column: str) -> list[dict]:
-    """``value`` checked as a non-empty list of ``{"role", "content"}`` text messages."""
+def _messages(value: Any, where: str, column: str, source: str = "task.format=conversational") -> list[dict]:
+    """``value`` checked as a non-empty list of ``{"role", "content"}`` text messages (``source``: why this format)."""
     if not isinstance(value, list):
-        raise DataError(f"{where}: column {column!r}: expected a list of {{role, content}} messages (the "
-                        f"conversational format of the other rows), got {type(value).__name__}")
+        raise DataError(f"{where}: column {column!r}: expected a list of {{role, content}} messages ({source}), "
+                        f"got {type(value).__name__}")
     if not value:
         raise DataError(f"{where}: column {column!r}: the message list is empty; fix or remove the row")
     for j, m in enumerate(value):
@@ -399,8 +430,20 @@ def _blank_messages(messages: list[dict]) -> bool:
     return all(_blank(m["content"]) for m in messages)
 
 
+def detect_format(rows: Sequence[Mapping], columns: Mapping[str, str | None]) -> str:
+    """The TRL format of most ``rows``: conversational where a row's prompt, chosen or rejected is a list of
+    messages, else standard (a tie: the first row's)."""
+    cols = [columns[k] for k in PAIR_FIELDS if columns.get(k)]
+    chat = [any(isinstance(r.get(c), list) for c in cols) for r in rows]
+    n = sum(chat)
+    if 2 * n == len(chat):
+        return "conversational" if chat and chat[0] else "standard"
+    return "conversational" if 2 * n > len(chat) else "standard"
+
+
 def preference_pairs(rows: list[dict], locate: Callable[[int], str], columns: Mapping[str, str | None], *,
-                     fmt: str = "auto", tokenizer=None, drop_identical: bool = True) -> tuple[list[dict], dict, str]:
+                     fmt: str = "auto", tokenizer=None, drop_identical: bool = True,
+                     format_rows: Sequence[Mapping] | None = None) -> tuple[list[dict], dict, str]:
     """Rows in one of TRL's preference formats -> text pairs ``{"prompt", "chosen", "rejected"}`` (plus
     ``chosen_behavior_logp``/``rejected_behavior_logp`` when ``columns`` names them); returns
     ``(pairs, counts, format)``.
@@ -408,61 +451,69 @@ def preference_pairs(rows: list[dict], locate: Callable[[int], str], columns: Ma
     Formats: *standard* (texts) and *conversational* (lists of ``{role, content}`` messages, rendered with
     the tokenizer's chat template: the prompt with the generation prompt added, each response as the rest of
     the rendering of prompt + response, which must start with the rendered prompt); ``fmt="auto"`` takes the
-    format of the first row. Without a prompt column (``columns["prompt"]`` None) the prompt is the shared
-    prefix of chosen and rejected (implicit prompt). Pairs with chosen == rejected (with ``drop_identical``)
-    or an empty prompt or response are dropped and counted; a malformed row raises :class:`DataError`
-    naming the row and the column.
+    format of most rows of ``format_rows`` (default ``rows``; the whole file when ``rows`` are a split of it).
+    Without a prompt column (``columns["prompt"]`` None) the prompt is the shared prefix of chosen and rejected
+    (implicit prompt). Pairs with chosen == rejected (with ``drop_identical``) or an empty prompt or response are
+    dropped and counted; malformed rows raise one :class:`DataError` naming each row (up to
+    :data:`MAX_BAD_ROWS`) and its column.
     """
     cols = dict(columns)
-    if fmt == "auto":
-        fmt = "conversational" if isinstance(rows[0][cols["chosen"]], list) else "standard"
+    named = fmt != "auto"
+    if not named:
+        fmt = detect_format(rows if format_rows is None else format_rows, cols)
+    source = f"task.format={fmt}" if named else f"the {fmt} format of most rows"
     chat = fmt == "conversational"
     if chat and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{locate(0)}: conversational data needs a chat template and the tokenizer has none: set "
                         f"task.chat_template (a Jinja template, or the path of a .jinja file)")
     pcol = cols["prompt"] or cols["chosen"]  # where a bad prompt comes from
-    pairs, identical, empty = [], 0, 0
+    pairs, identical, empty, bad = [], 0, 0, BadRows()
     for i, r in enumerate(rows):
         where = locate(i)
-        if chat:
-            c = _messages(r[cols["chosen"]], where, cols["chosen"])
-            rj = _messages(r[cols["rejected"]], where, cols["rejected"])
-            p = _messages(r[cols["prompt"]], where, cols["prompt"]) if cols["prompt"] else None
-        else:
-            for col in (cols["prompt"], cols["chosen"], cols["rejected"]):
-                if col and isinstance(r[col], (list, dict)):
-                    raise DataError(f"{where}: column {col!r}: expected text (the standard format of the other "
-                                    f"rows), got {type(r[col]).__name__}")
-            c, rj = str(r[cols["chosen"]]), str(r[cols["rejected"]])
-            p = str(r[cols["prompt"]]) if cols["prompt"] else None
-        if p is None:
-            p, c, rj = _implicit_prompt(c, rj, where, cols)
-        if drop_identical and c == rj:
-            identical += 1
+        try:
+            if chat:
+                c = _messages(r[cols["chosen"]], where, cols["chosen"], source)
+                rj = _messages(r[cols["rejected"]], where, cols["rejected"], source)
+                p = _messages(r[cols["prompt"]], where, cols["prompt"], source) if cols["prompt"] else None
+            else:
+                for col in (cols["prompt"], cols["chosen"], cols["rejected"]):
+                    if col and isinstance(r[col], (list, dict)):
+                        raise DataError(f"{where}: column {col!r}: expected text ({source}), got "
+                                        f"{type(r[col]).__name__}")
+                c, rj = str(r[cols["chosen"]]), str(r[cols["rejected"]])
+                p = str(r[cols["prompt"]]) if cols["prompt"] else None
+            if p is None:
+                p, c, rj = _implicit_prompt(c, rj, where, cols)
+            if drop_identical and c == rj:
+                identical += 1
+                continue
+            if not (p and c and rj) or (any(_blank_messages(x) for x in (p, c, rj)) if chat
+                                        else any(_blank(x) for x in (p, c, rj))):
+                empty += 1
+                continue
+            if chat:
+                _check_turns(p, c, where, pcol, cols["chosen"])
+                _check_turns(p, rj, where, pcol, cols["rejected"])
+                pair = {"prompt": tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)}
+                for key, msgs in (("chosen", c), ("rejected", rj)):
+                    full = tokenizer.apply_chat_template(p + msgs, tokenize=False)
+                    if not full.startswith(pair["prompt"]):
+                        n = shared_prefix(full, pair["prompt"])
+                        raise DataError(f"{where}: column {cols[key]!r}: the chat template does not render the "
+                                        f"prompt as the start of prompt + response (they differ from character {n}: "
+                                        f"{pair['prompt'][n:n + 40]!r} vs {full[n:n + 40]!r}); set "
+                                        f"task.chat_template to a template that does")
+                    pair[key] = _strip_eos(full[len(pair["prompt"]):], tokenizer.eos_token)
+            else:
+                pair = {"prompt": p, "chosen": c, "rejected": rj}
+            if cols.get("chosen_logp"):
+                pair["chosen_behavior_logp"] = _logp(r[cols["chosen_logp"]], where, cols["chosen_logp"])
+                pair["rejected_behavior_logp"] = _logp(r[cols["rejected_logp"]], where, cols["rejected_logp"])
+        except DataError as err:  # the next rows are checked too: every bad row is reported at once
+            bad.add(err)
             continue
-        if not (p and c and rj) or (any(_blank_messages(x) for x in (p, c, rj)) if chat
-                                    else any(_blank(x) for x in (p, c, rj))):
-            empty += 1
-            continue
-        if chat:
-            _check_turns(p, c, where, pcol, cols["chosen"])
-            _check_turns(p, rj, where, pcol, cols["rejected"])
-            pair = {"prompt": tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)}
-            for key, msgs in (("chosen", c), ("rejected", rj)):
-                full = tokenizer.apply_chat_template(p + msgs, tokenize=False)
-                if not full.startswith(pair["prompt"]):
-                    n = shared_prefix(full, pair["prompt"])
-                    raise DataError(f"{where}: column {cols[key]!r}: the chat template does not render the prompt "
-                                    f"as the start of prompt + response (they differ from character {n}: "
-                                    f"{pair['prompt'][n:n + 40]!r} vs {full[n:n + 40]!r}); set task.chat_template "
-                                    f"to a template that does")
-                pair[key] = _strip_eos(full[len(pair["prompt"]):], tokenizer.eos_token)
-        else:
-            pair = {"prompt": p, "chosen": c, "rejected": rj}
-        if cols.get("chosen_logp"):
-            pair["chosen_behavior_logp"] = _logp(r[cols["chosen_logp"]], where, cols["chosen_logp"])
-            pair["rejected_behavior_logp"] = _logp(r[cols["rejected_logp"]], where, cols["rejected_logp"])
         pairs.append(pair)
+    bad.check()
     return pairs, {"read": len(rows), "dropped_identical_text": identical, "dropped_empty_text": empty}, fmt
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from isdpo.stages.common import (load_reference, lora_settings, plain, reference
 from isdpo.stages.evaluate import write_evaluation
 from isdpo.stages.sft import run_sft
 from isdpo.timing import TIMER
+from isdpo.tracking import run_summary, write_run_summary
 from isdpo.trainer import accumulation, build_trainer, finish_logger, full_state_dict
 
 
@@ -85,8 +87,9 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
                                warmup_steps=tr.warmup_steps, schedule=tr.schedule,
                                response_only=tr.response_only_logits, concatenated=tr.concatenated_forward,
                                fused_adamw=tr.fused_adamw, strategy=hw.strategy, online=online)
+    every = cfg.logger.log_every_n_steps  # optimizer steps between two rows of training metrics
     # The throughput monitor must come before the evaluation, which it must not time.
-    callbacks = [PerfMonitor(peak_flops=hw.get("peak_flops", "auto")),
+    callbacks = [PerfMonitor(peak_flops=hw.get("peak_flops", "auto"), log_every_n_steps=every),
                  EvalCallback(evaluator, out / METRICS, cfg.task.eval.every_n_steps, held_out)]
     logger = stage_logger(cfg, "align")
     try:
@@ -96,7 +99,7 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
                                 accumulate=acc, run_dir=out, logger=logger,
                                 callbacks=callbacks, gradient_clip_val=tr.gradient_clip_val,
                                 checkpoint_every_n_steps=0 if fast_dev_run else tr.checkpoint_every_n_steps,
-                                fast_dev_run=fast_dev_run, model=policy,
+                                fast_dev_run=fast_dev_run, model=policy, log_every_n_steps=every,
                                 frozen=[] if lora else [reference])  # LoRA: the reference's weights are the policy's
         if resume:
             print(f"[isdpo] resuming from {resume}")
@@ -113,14 +116,38 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
         if not trainer.is_global_zero:  # other data-parallel ranks stop here; rank zero writes
             return {}
         save_model(policy, task, out / POLICY, merged=bool(lora) and cfg.peft.merge_on_save, state_dict=whole)
+        if lora and ref_dir is None and cfg.model.gguf_file:  # transformers loads a GGUF base only with its file named
+            print(f"[isdpo] policy/ holds LoRA adapters on the GGUF file {cfg.model.gguf_file}; load them with "
+                  f'AutoPeftModelForCausalLM.from_pretrained("{out / POLICY}", gguf_file="{cfg.model.gguf_file}")')
         result = write_result(cfg, out, time.time() - started, ref_dir)
+        log_run_summary(logger, out, result["status"])
+        if not tr.keep_checkpoints:  # the run is whole: its policy/ and its curve are written
+            shutil.rmtree((out / CHECKPOINT).parent, ignore_errors=True)
         final = next(c for c in callbacks if isinstance(c, EvalCallback)).last_evaluation
         # One process: the evaluated policy is the saved one (a sharded policy is evaluated again from policy/).
         if save_evaluation and final is not None and final[0] == trainer.global_step and trainer.world_size == 1:
             write_evaluation(out, final[1], str(out / POLICY))
+    except BaseException as err:
+        # A stopped run's summary says so, with the curve it has: W&B's runs table then shows why it ends early.
+        log_run_summary(logger, out, "interrupted" if isinstance(err, (SystemExit, KeyboardInterrupt)) else "failed",
+                        quiet=True)
+        raise
     finally:
         finish_logger(logger)
     return result
+
+
+def log_run_summary(logger, out: Path, status: str, quiet: bool = False) -> None:
+    """The run's W&B summary and curve table (isdpo.tracking) from its metrics.jsonl: at the end, again on a resume,
+    and when it stops; ``quiet``: a failure here is only printed (the error that stopped the run is the one to see)."""
+    try:
+        rows = read_jsonl(out / METRICS)
+        peak, by = peak_point(rows)
+        write_run_summary(logger, run_summary(status, rows, peak, by), rows)
+    except Exception as err:  # noqa: BLE001
+        if not quiet:
+            raise
+        print(f"[isdpo] warning: could not write the W&B summary: {err}")
 
 
 def peak_point(rows: list[dict]) -> tuple[dict | None, str | None]:

@@ -10,6 +10,7 @@ from isdpo.artifacts import MERGED, config_hash
 from isdpo.models import (freeze, has_adapters, is_adapter_dir, load_adapter, load_causal_lm, merge_adapters,
                           save_adapter, shared_copy)
 from isdpo.tasks import Task, build_task
+from isdpo.tracking import define_metrics
 from isdpo.trainer import build_logger
 
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")  # what the adapters are (isdpo.models.add_lora)
@@ -76,8 +77,10 @@ def stage_logger(cfg, job_type: str):
     """The run's logger for one stage; its W&B id is deterministic from the output folder (itself
     deterministic from the overrides), so a requeued or rerun job continues the same W&B run."""
     out = run_dir(cfg)
-    return build_logger(
+    logger = build_logger(
         cfg.logger, run_dir=out, run_name=cfg.run_name, group=cfg.experiment, job_type=job_type,
         tags=[f"loss:{cfg.loss.name}", f"beta:{cfg.beta}", f"task:{cfg.task.name}", f"seed:{cfg.seed}"],
         run_id=f"{config_hash(str(out.resolve()), 10)}-{job_type}", config=plain(cfg),
     )
+    define_metrics(logger)
+    return logger

@@ -52,7 +52,7 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
             base_task = build_task(task, r.model, cfg.paths.cache_dir, cfg.paths.output_dir)
             init = str(sft_reference(base_task, r.model, task.sft, hw, cache_dir=cfg.paths.cache_dir,
                                      make_logger=lambda: stage_logger(cfg, "reward-sft"), fast_dev_run=fast_dev_run,
-                                     lora=lora) / "model")
+                                     lora=lora, log_every_n_steps=cfg.logger.log_every_n_steps) / "model")
         L.seed_everything(int(r.seed), workers=True, verbose=False)
         tok = get_tokenizer(r.model)
         model = load_reward_model(r.model, path=init, pad_token_id=tok.pad_token_id).train()  # from_pretrained gives eval mode
@@ -60,7 +60,8 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
         model = prepare_model(model, activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
                               lora=lora, seed=int(r.seed), trainable=score_head_names(model) if lora else ())
         train, val = reward_pairs(task, tok, "train"), reward_pairs(task, tok, "val")
-        acc = accumulation(r.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes)
+        acc = accumulation(r.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes,
+                           keys=("task.reward.global_batch_size", "hardware.per_device_batch_size"))
         train_loader = pair_loader(train, batch_size=hw.per_device_batch_size, seed=int(r.seed),
                                    pad_id=tok.pad_token_id, num_workers=hw.num_workers)
         val_loader = DataLoader(val, batch_size=hw.per_device_batch_size, shuffle=False,
@@ -71,7 +72,8 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
         try:
             trainer = build_trainer(hw, max_steps=-1, max_epochs=int(r.epochs), accumulate=acc, run_dir=run_dir(cfg),
                                     logger=logger, callbacks=[], gradient_clip_val=r.gradient_clip_val,
-                                    fast_dev_run=fast_dev_run, model=model)
+                                    fast_dev_run=fast_dev_run, model=model,
+                                    log_every_n_steps=cfg.logger.log_every_n_steps)
             # build_trainer has no val_check_interval argument; Lightning reads this attribute when fit starts.
             vci = r.val_check_interval
             trainer.val_check_interval = 1.0 if isinstance(vci, int) and vci > len(train_loader) else vci

@@ -23,15 +23,17 @@ def sft_micro_batch(global_batch: int, hw) -> tuple[int, int]:
     hardware; ``hardware.sft_per_device_batch_size`` null = the whole per-device share (no accumulation)."""
     world = int(hw.devices) * int(hw.num_nodes)
     per_device = hw.get("sft_per_device_batch_size") or max(int(global_batch) // world, 1)
-    return int(per_device), accumulation(int(global_batch), int(per_device), int(hw.devices), int(hw.num_nodes))
+    return int(per_device), accumulation(int(global_batch), int(per_device), int(hw.devices), int(hw.num_nodes),
+                                         keys=("task.sft.batch_size", "hardware.sft_per_device_batch_size"))
 
 
 @TIMER.phase("sft")
 def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, make_logger: Callable[[], Any],
-                  fast_dev_run: bool = False, lora: Mapping[str, Any] | None = None) -> Path:
+                  fast_dev_run: bool = False, lora: Mapping[str, Any] | None = None, log_every_n_steps: int = 10) -> Path:
     """The SFT model of ``model_cfg`` on ``task``'s SFT set (trained, or reused from the store); returns the
-    entry's directory (``model/`` inside). ``make_logger()`` gives the logger of a training that runs. With
-    ``lora`` (adapter settings) only LoRA adapters train, and the entry holds them merged: a plain model."""
+    entry's directory (``model/`` inside). ``make_logger()`` gives the logger of a training that runs (which gets
+    the training metrics every ``log_every_n_steps`` steps). With ``lora`` (adapter settings) only LoRA adapters
+    train, and the entry holds them merged: a plain model."""
     key = sft_dir_key(task.sft_key(), model_cfg, sft_cfg, fast_dev_run)
     if lora is not None:  # an SFT in full keeps the key it had before LoRA existed
         key["lora"] = dict(lora)
@@ -49,7 +51,8 @@ def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, 
         logger = make_logger()
         try:
             trainer = build_trainer(hw, max_steps=-1, max_epochs=sft_cfg.epochs, accumulate=acc, run_dir=tmp,
-                                    logger=logger, callbacks=[], fast_dev_run=fast_dev_run, model=model)
+                                    logger=logger, callbacks=[], fast_dev_run=fast_dev_run, model=model,
+                                    log_every_n_steps=log_every_n_steps)
             fit(trainer, module, loader)
         finally:
             finish_logger(logger)
@@ -73,4 +76,4 @@ def run_sft(cfg, fast_dev_run: bool = False) -> Path | None:
         return None
     return sft_reference(task, cfg.model, cfg.task.sft, cfg.hardware, cache_dir=cfg.paths.cache_dir,
                          make_logger=lambda: stage_logger(cfg, "sft"), fast_dev_run=fast_dev_run,
-                         lora=lora_settings(cfg, "sft"))
+                         lora=lora_settings(cfg, "sft"), log_every_n_steps=cfg.logger.log_every_n_steps)

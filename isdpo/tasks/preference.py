@@ -14,15 +14,29 @@
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from isdpo.artifacts import data_key
-from isdpo.data.text import (DataError, as_plain, get_tokenizer, holdout_split, preference_pairs,
+from isdpo.data.text import (BadRows, DataError, as_plain, get_tokenizer, holdout_split, preference_pairs,
                              read_preference_rows, require_nonempty, subsample, tokenize_pairs, tokenizer_source)
 from isdpo.models import load_tokenizer
 from isdpo.ref_cache import add_reference_logps
 from isdpo.tasks.base import register
+
+
+MIN_HELD_OUT = 20  # held-out rows below which the pair metrics (eval/*) are mostly noise: a warning names it
+
+
+def small_holdout_warning(held: int, rows: int, fraction: float) -> str:
+    """What to change when ``fraction`` of ``rows`` holds out only ``held`` (< MIN_HELD_OUT) rows."""
+    need = math.ceil(100 * MIN_HELD_OUT / rows) / 100
+    fix = (f"raise task.eval.holdout_fraction to {need:g} ({MIN_HELD_OUT} rows) or give task.data_files.eval"
+           if need < 0.5 else f"{rows} rows are too few to hold out {MIN_HELD_OUT}: give task.data_files.eval")
+    return (f"[isdpo] WARNING: task.eval.holdout_fraction={fraction:g} of {rows} rows holds out {held} pair(s): "
+            f"their metrics (eval/loss, eval/rewards/accuracies, ...) are noise at this size (an accuracy moves in "
+            f"steps of {1 / held:.2g}); {fix}")
 
 
 def _template(value: str) -> str:
@@ -80,10 +94,11 @@ class PreferenceRuntime:
             held = None
         return train, held
 
-    def _pairs(self, rows, locate, columns, name: str) -> tuple[list[dict], dict, bool]:
-        """(text pairs, counts, whether a chat template rendered them)."""
+    def _pairs(self, rows, locate, columns, name: str, format_rows=None) -> tuple[list[dict], dict, bool]:
+        """(text pairs, counts, whether a chat template rendered them); ``format_rows``: the rows whose format
+        ``task.format=auto`` takes (default ``rows``)."""
         pairs, counts, fmt = preference_pairs(rows, locate, columns, fmt=self.cfg["format"], tokenizer=self.tokenizer,
-                                              drop_identical=bool(self.cfg["drop_identical"]))
+                                              drop_identical=bool(self.cfg["drop_identical"]), format_rows=format_rows)
         mu = f", behaviour log-probs from {columns['chosen_logp']!r}/{columns['rejected_logp']!r}" \
             if columns["chosen_logp"] else ""
         prompt = f"prompt column {columns['prompt']!r}" if columns["prompt"] else "implicit prompt (shared prefix)"
@@ -101,10 +116,21 @@ class PreferenceRuntime:
                 keep, out = holdout_split(len(rows), float(ev["holdout_fraction"]), int(ev["seed"]))
                 print(f"[isdpo] held out {len(out)} of {len(rows)} training rows (task.eval.holdout_fraction="
                       f"{ev['holdout_fraction']}, seed {ev['seed']})")
-                self._loaded = {
-                    "train": self._pairs([rows[i] for i in keep], lambda j: locate(keep[j]), used, "preference/train"),
-                    "eval": self._pairs([rows[i] for i in out], lambda j: locate(out[j]), used, "preference/eval"),
-                }
+                if ev["n_pairs"] and len(out) < MIN_HELD_OUT:
+                    print(small_holdout_warning(len(out), len(rows), float(ev["holdout_fraction"])))
+                # The format of the whole file (a split may hold only its bad rows), and the bad rows of both splits
+                # in one error.
+                loaded, bad = {}, BadRows()
+                for split_name, idx in (("train", keep), ("eval", out)):
+                    try:
+                        loaded[split_name] = self._pairs([rows[i] for i in idx], lambda j, idx=idx: locate(idx[j]), used,
+                                                         f"preference/{split_name}", format_rows=rows)
+                    except DataError as err:
+                        if not getattr(err, "rows", None):  # not about rows (no chat template): as it is
+                            raise
+                        bad.add(err)
+                bad.check()
+                self._loaded = loaded
             else:
                 train = self._pairs(rows, locate, used, "preference/train")
                 e_rows, e_locate, e_used = read_preference_rows(*held, cols)
