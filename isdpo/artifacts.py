@@ -14,18 +14,23 @@ reference instead of retraining it. One mechanism, :func:`build_once`, builds ev
   scoring) runs on rank 0 while the other ranks poll for the published entry
   (``ISDPO_CACHE_WAIT_S``, default 2 h);
 - an entry is built in a ``.tmp-*`` sibling and renamed into place (atomic), with a
-  ``manifest.json`` of its file sizes: a truncated or deleted file is found on load and the entry
-  is rebuilt;
-- a ``.tmp-*`` left by a killed build is removed by the next build of the same entry (its builder's
-  pid is gone on this host, or its heartbeat stopped ``ISDPO_CACHE_ORPHAN_S`` ago, default 10 min).
+  ``manifest.json`` of its files' sizes and sha256: a truncated, deleted or overwritten file is found
+  when the entry is reused and the entry is rebuilt (a file is hashed again only when its size, times
+  or inode changed since it was hashed: any write to it changes them; see :func:`entry_problem`);
+- a ``.tmp-*`` left by a killed build is removed by the next build of the same entry: on the same
+  host once its builder's process (pid and start time) is gone, whatever its heartbeat (a stopped or
+  swapped-out builder is alive); on another host once its heartbeat stopped ``ISDPO_CACHE_ORPHAN_S``
+  ago (default 10 min). A builder whose folder was removed all the same fails instead of publishing.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -71,6 +76,142 @@ def file_lock(path: Path, *, blocking: bool = True):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------------------------
+# Writing and reading files: complete or absent, and errors that name the file
+# --------------------------------------------------------------------------------------------
+
+# What a failed write's errno means, and what to do about it.
+WRITE_CAUSES = {
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exceeded: free some space or raise the quota",
+    errno.EFBIG: "a file size limit was reached (ulimit -f): raise it",
+    errno.EROFS: "the file system is read-only: make it writable",
+    errno.EACCES: "permission denied: make the folder writable",
+    errno.EPERM: "operation not permitted: make the folder writable",
+}
+_OS_ERROR = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors, tokenizers) report an errno
+
+
+class WriteFailed(OSError):
+    """A file or folder could not be written; the message names it and the cause (disk full, read-only, ...)."""
+
+
+class CorruptFile(ValueError):
+    """A file isdpo wrote cannot be read back (truncated or corrupt); the message names it and what to do."""
+
+
+def write_error(path: str | Path, err: BaseException) -> WriteFailed | None:
+    """The :class:`WriteFailed` for ``err`` raised while writing ``path``; None when ``err`` is no I/O error."""
+    if isinstance(err, WriteFailed):
+        return err
+    if isinstance(err, OSError):
+        code = err.errno
+    else:
+        found = _OS_ERROR.search(str(err))
+        code = int(found.group(1)) if found else None
+    if code not in WRITE_CAUSES:  # not a failed write (a missing input, a bug): the error as it is
+        return None
+    cause = WRITE_CAUSES[code]
+    failed = WriteFailed(f"cannot write {path}: {cause}; then rerun the same command ({type(err).__name__}: {err})")
+    failed.errno = code
+    return failed
+
+
+def first_write_error(err: BaseException | None) -> WriteFailed | None:
+    """The first :class:`WriteFailed` in ``err``'s chain: the cause when later errors (a logger flushing its files
+    to the same full disk while the run stops) were raised on top of it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, WriteFailed):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
+    """A fresh hidden name beside ``path`` (``.<name>.<tag>-<random>``)."""
+    return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary sibling of ``path`` to write (a file, or a folder the block creates); when the block ends
+    without error it takes ``path``'s place (a folder already there is replaced), else it is removed. A reader, or a
+    crash, sees the old content or the new one, never a half; an I/O error raises :class:`WriteFailed` naming
+    ``path`` and the cause. The one way isdpo writes a result, a record, a checkpoint or a model folder."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            old = temporary_sibling(path, "old")
+            os.replace(path, old)  # a crash from here to the next line leaves no `path`: absent, never half
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as err:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        failed = write_error(path, err)
+        if failed is None or failed is err:
+            raise
+        raise failed from err
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """``text`` at ``path``, atomically (:func:`atomic_path`), flushed to the disk before it is renamed."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json(path: str | Path, obj: Any, **dumps: Any) -> None:
+    """``obj`` as JSON at ``path``, atomically (``dumps``: json.dumps options; indent 2 by default)."""
+    write_text(path, json.dumps(obj, **{"indent": 2, **dumps}))
+
+
+def read_json(path: str | Path, fix: str = "move it away and rerun to rebuild it") -> Any:
+    """The JSON in ``path``; a file that does not parse raises :class:`CorruptFile` naming it and saying ``fix``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptFile(f"{path} is not valid JSON ({err}): it is truncated or corrupt (a write cut short, a full "
+                          f"disk, a copy that failed). To go on, {fix} (mv {path} {path}.bad).") from None
+
+
+def read_jsonl(path: str | Path, *, torn_tail: bool = False) -> list[dict]:
+    """The rows of a JSON-lines file ([] when it does not exist). A line that does not parse raises
+    :class:`CorruptFile` naming the file and the line; with ``torn_tail`` a last line without its newline (a
+    write cut short by a crash) is dropped instead, with a notice."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")  # the last item is "" when the file ends with its newline
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a {type(row).__name__}, not an object")
+            rows.append(row)
+        except ValueError as err:
+            if torn_tail and i == len(lines):
+                print(f"[isdpo] {path}:{i}: dropped a half-written last line (a write cut short by a crash): "
+                      f"{line[:60]!r}")
+                break
+            raise CorruptFile(f"{path}:{i}: not valid JSON ({err}): the file is corrupt. Move it away "
+                              f"(mv {path} {path}.bad), or delete the bad line, then rerun.") from None
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,17 +221,22 @@ def file_lock(path: Path, *, blocking: bool = True):
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes, memoised per (path, size, mtime) in this process."""
     p = Path(path).expanduser().resolve()
     st = p.stat()
     memo = (str(p), st.st_size, st.st_mtime_ns)
     if memo not in _DIGESTS:
-        h = hashlib.sha256()
-        with p.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _DIGESTS[memo] = h.hexdigest()
+        _DIGESTS[memo] = sha256_file(p)
     return _DIGESTS[memo]
 
 
@@ -118,29 +264,52 @@ def data_key(spec: Mapping[str, Any], splits: Sequence[str]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def _stamp(st: os.stat_result) -> list[int]:
+    """What any write to a file changes: its size, mtime, ctime (which no one can set back) and inode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def write_manifest(directory: Path) -> None:
-    """``manifest.json``: the size of every file of the entry (read back by :func:`entry_problem`)."""
-    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+    """``manifest.json``: the size, the sha256 and the stat stamp (:func:`_stamp`) of every file of the entry
+    (checked by :func:`entry_problem`)."""
+    files = {str(p.relative_to(directory)): p for p in sorted(directory.rglob("*"))
              if p.is_file() and p.name not in (MANIFEST, BUILDER)}
-    (directory / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1, sort_keys=True))
+    write_json(directory / MANIFEST, {"files": {n: p.stat().st_size for n, p in files.items()},
+                                      "sha256": {n: sha256_file(p) for n, p in files.items()},
+                                      "stamp": {n: _stamp(p.stat()) for n, p in files.items()}},
+               indent=1, sort_keys=True)
 
 
 def entry_problem(directory: Path) -> str | None:
-    """None when the entry is complete; else what is wrong (a file missing or of another size).
-    An entry without a manifest (written before manifests existed, or elsewhere) is taken as complete."""
-    f = Path(directory) / MANIFEST
+    """None when the entry is whole; else what is wrong (a file missing, of another size, or whose bytes are not
+    those written). A file whose stat stamp is the one recorded has not been written since it was hashed (any write
+    changes its ctime) and is not read; another is hashed again (sha256, ~0.7-2 GB/s) and, when it is whole, its
+    new stamp recorded (a copied cache is hashed once). An entry without a manifest (written before manifests
+    existed, or elsewhere) is taken as whole; one with sizes only (older manifests) is checked by its sizes."""
+    directory = Path(directory)
+    f = directory / MANIFEST
     if not f.exists():
         return None
     try:
-        sizes = json.loads(f.read_text())["files"]
-    except (ValueError, KeyError) as err:
+        manifest = json.loads(f.read_text())
+        sizes, hashes, stamps = manifest["files"], manifest.get("sha256", {}), manifest.get("stamp", {})
+    except (ValueError, KeyError, AttributeError) as err:
         return f"{MANIFEST} unreadable ({err})"
+    restamped = {}
     for name, size in sizes.items():
-        p = Path(directory) / name
+        p = directory / name
         if not p.is_file():
             return f"{name} is missing"
-        if p.stat().st_size != size:
-            return f"{name} has {p.stat().st_size} bytes, {size} when written"
+        st = p.stat()
+        if st.st_size != size:
+            return f"{name} has {st.st_size} bytes, {size} when written"
+        if name in hashes and _stamp(st) != stamps.get(name):
+            if sha256_file(p) != hashes[name]:
+                return f"{name} is corrupt: its bytes changed since it was written (sha256 differs)"
+            restamped[name] = _stamp(st)
+    if restamped:
+        with contextlib.suppress(OSError):  # a read-only cache is hashed again next time
+            write_json(f, {**manifest, "stamp": {**stamps, **restamped}}, indent=1, sort_keys=True)
     return None
 
 
@@ -154,14 +323,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (boot id and clock ticks since boot: a reused pid has another); None when it
+    does not exist or this system has no /proc."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, counted after the command name
+
+
 def _orphan(tmp: Path, max_age: float) -> bool:
-    """A temporary build directory whose builder is gone: its pid is dead on this host, or its heartbeat
-    (the builder file's mtime; the directory's when there is none) is older than ``max_age`` seconds."""
+    """A temporary build directory whose builder is gone. On this host, by its process: gone, or its pid reused
+    (another start time); a live builder is never an orphan, however long it has been stopped (SIGSTOP, swapped out,
+    a frozen file system). On another host, by its heartbeat (the builder file's mtime, touched by a thread every
+    HEARTBEAT_S whatever the build does; the directory's when there is none): older than ``max_age`` seconds."""
     f = tmp / BUILDER
     try:
         who = json.loads(f.read_text())
-        if who.get("host") == socket.gethostname() and not _alive(int(who["pid"])):
-            return True
+        if who.get("host") == socket.gethostname():
+            pid, start = int(who["pid"]), who.get("start")
+            if not _alive(pid):
+                return True
+            now = process_start(pid)
+            if start is not None and now is not None:
+                return now != start
         return time.time() - f.stat().st_mtime > max_age
     except (OSError, ValueError, KeyError, TypeError):
         try:
@@ -184,9 +371,12 @@ def clean_orphans(final: Path) -> list[Path]:
 
 @contextmanager
 def _builder(tmp: Path):
-    """Record this process as ``tmp``'s builder and touch the record every HEARTBEAT_S while building."""
+    """Record this process as ``tmp``'s builder and touch the record every HEARTBEAT_S while building; raise when
+    the record is gone at the end (the folder was removed meanwhile: what it holds is not the build's)."""
     f = tmp / BUILDER
-    f.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+    token = uuid.uuid4().hex
+    f.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+                             "since": time.time(), "token": token}))
     stop = threading.Event()
 
     def beat() -> None:
@@ -201,6 +391,15 @@ def _builder(tmp: Path):
     finally:
         stop.set()
         thread.join()
+    try:
+        mine = json.loads(f.read_text()).get("token") == token
+    except (OSError, ValueError):
+        mine = False
+    if not mine:
+        raise RuntimeError(
+            f"the temporary build folder {tmp} was removed while this process built in it (another job took it for "
+            f"one left by a killed run: on another host a builder is judged by its heartbeat, {ORPHAN_ENV}); what it "
+            f"holds now is not this build's, so nothing is published. Rerun the same command.")
 
 
 def _install(tmp: Path, final: Path, usable: Callable[[Path], bool]) -> None:
@@ -333,7 +532,9 @@ POLICY = "policy"                  # the trained policy (HF folder, with the tok
 MERGED = "merged"                  # policy/merged/: peft=lora's adapters merged into a plain model (peft.merge_on_save)
 CHECKPOINT = "checkpoints/last.ckpt"  # the resume point (atomic writes)
 RUN_CONFIG = "run_config.json"     # the resolved config the run was started with (resume checks it)
-RUN_LOCK = ".isdpo.lock"           # held by the live process of the run
+RUN_LOCK = ".isdpo.lock"           # held by the live process of the run (removed when it ends)
+HYDRA_RECORD = ".hydra"            # Hydra's record of the launch (config.yaml, overrides.yaml) the run folder's run is
+HYDRA_PENDING = ".hydra/pending"   # where Hydra writes it (conf/config.yaml): moved up once the run's checks pass
 EVALUATION = "evaluation.json"     # stage=evaluate's numbers
 SAMPLES = "samples.jsonl"          # stage=evaluate's samples (token ids, golden reward)
 COMPLETIONS = "completions"        # text tasks: each evaluation's completions as text

@@ -3,18 +3,19 @@ config, and an interruption that never passes for success."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
+import shutil
 import socket
 import time
 import zipfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Mapping
 
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from isdpo.artifacts import RUN_CONFIG, RUN_LOCK, config_hash
+from isdpo.artifacts import (CHECKPOINT, HYDRA_PENDING, HYDRA_RECORD, RESULT, RUN_CONFIG, RUN_LOCK, WriteFailed,
+                             config_hash, first_write_error, read_json, write_json)
 from isdpo.distributed import rank_world
 from isdpo.schema import default_of, flatten
 
@@ -36,6 +37,29 @@ class ConfigMismatch(RuntimeError):
 
 class CheckpointUnreadable(RuntimeError):
     """last.ckpt exists but cannot be read (truncated or corrupt)."""
+
+
+class RunIncomplete(RuntimeError):
+    """Training ended without its planned steps or without the final evaluation: never reported as completed."""
+
+
+def check_steps(step: int, planned: int | None) -> None:
+    """Raise :class:`RunIncomplete` unless training ran ``planned`` optimizer steps (None: at least one)."""
+    if step == 0 or (planned is not None and step != planned):
+        raise RunIncomplete(
+            f"training ended at optimizer step {step} of {planned if planned is not None else 'at least 1'} without "
+            f"an error: {'nothing was trained' if step == 0 else 'the run is not whole'}, so no policy/ and no "
+            f"result.json are written. See the messages above (an empty loader, a callback that stopped the run).")
+
+
+def check_final_point(curve: Path, rows: list[dict], step: int) -> None:
+    """Raise :class:`RunIncomplete` unless the curve's last point is the evaluation at the last step ``step``."""
+    last = rows[-1]["step"] if rows else None
+    if last != step:
+        raise RunIncomplete(
+            f"{curve} has no evaluation at the last step, {step} (its last point: "
+            f"{'none' if last is None else f'step {last}'}): the result would not be the trained policy's. Rerun "
+            f"the same command: it resumes and evaluates the missing point.")
 
 
 class Interrupted(SystemExit):
@@ -79,41 +103,64 @@ def check_identity(out: Path, cfg: Mapping[str, Any], *, resuming: bool, replace
     ident = identity(cfg)
     digest = config_hash(ident)
     record = out / RUN_CONFIG
-    if record.exists():
-        old = json.loads(record.read_text())
-        changes = [] if old["hash"] == digest or replace else diff(old["config"], ident)
-        if changes and (resuming or (out / "result.json").exists()):
+    if record.exists() and not replace:
+        old = read_json(record, "rerun with task.train.resume=false to retrain in place (its checkpoint and results "
+                                "are replaced), or move it away to resume without checking the config")
+        changes = [] if old["hash"] == digest else diff(old["config"], ident)
+        if changes and (resuming or (out / RESULT).exists()):
             shown = "\n  ".join(changes[:25]) + (f"\n  ... {len(changes) - 25} more" if len(changes) > 25 else "")
             raise ConfigMismatch(
                 f"{out} holds a run started with another config ({len(changes)} keys differ, old -> new):\n  "
                 f"{shown}\nWays forward: rerun with the original settings to resume it; or give this run its own "
                 f"folder (hydra.run.dir=<new dir>, or experiment=<new name>); or retrain in place from scratch "
                 f"with task.train.resume=false (its checkpoint and results are replaced).")
-    tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"hash": digest, "config": ident}, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, record)
+    write_json(record, {"hash": digest, "config": ident}, sort_keys=True, default=str)
+    adopt_hydra_record(out)
     return digest
 
 
+def adopt_hydra_record(out: Path) -> None:
+    """Move Hydra's record of this launch (``.hydra/pending/*.yaml``, written before any check of ours) up to
+    ``.hydra/``: called once the folder is this run's (its lock held, its config accepted), so a refused rerun
+    (another config, a busy folder) never relabels the run that is there."""
+    pending = out / HYDRA_PENDING
+    if not pending.is_dir():
+        return
+    for f in sorted(pending.glob("*.yaml")):
+        with suppress(FileNotFoundError):  # moved meanwhile by another process of this run
+            os.replace(f, out / HYDRA_RECORD / f.name)
+    with suppress(OSError):
+        pending.rmdir()
+
+
 def check_checkpoint(path: Path) -> None:
-    """A checkpoint is a zip archive: a truncated one has no central directory (cheap to check)."""
+    """A checkpoint is a zip archive whose members carry CRC-32s: every byte is read and checked (a truncated
+    file has no central directory; a corrupt one fails a CRC), about the cost of loading it once more."""
     try:
         with zipfile.ZipFile(path) as zf:
-            zf.namelist()
-    except (zipfile.BadZipFile, OSError) as err:
+            bad = zf.testzip()
+        problem = None if bad is None else f"its member {bad} fails its CRC check"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        problem = str(err)
+    if problem:
         raise CheckpointUnreadable(
-            f"{path} cannot be read ({err}): it is truncated or corrupt. Move it away to restart this run "
-            f"from step 0 (mv {path} {path}.bad), or restore it from a copy, then rerun the same command.") from None
+            f"{path} cannot be read ({problem}): it is truncated or corrupt. Move it away to restart this run "
+            f"from step 0 (mv {path} {path}.bad), or restore it from a copy, then rerun the same command.")
 
 
-def clean_orphans(out: Path) -> list[Path]:
-    """Remove ``*.tmp`` files left in ``checkpoints/`` by a write that was killed (only called under the lock)."""
+def clean_unfinished_writes(out: Path) -> list[Path]:
+    """Remove the temporary files and folders left in the run folder and ``checkpoints/`` by writes that were
+    killed (isdpo.artifacts.atomic_path's ``.<name>.tmp-*``/``.old-*``, older ``*.tmp``); only called under the lock."""
     removed = []
-    for p in (out / "checkpoints").glob("*.tmp"):
-        p.unlink(missing_ok=True)
-        removed.append(p)
+    for folder in (out, (out / CHECKPOINT).parent):
+        for p in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*"), *folder.glob("*.tmp")]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
     if removed:
-        print(f"[isdpo] removed {len(removed)} unfinished checkpoint write(s) of an earlier, killed run: "
+        print(f"[isdpo] removed {len(removed)} unfinished write(s) of an earlier, killed run: "
               + ", ".join(p.name for p in removed))
     return removed
 
@@ -129,25 +176,32 @@ def run_folder_lock(out: Path):
         return
     out.mkdir(parents=True, exist_ok=True)
     path = out / RUN_LOCK
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunFolderBusy(
+                f"another process is running in {out} ({holder}). Wait for it to finish (rerunning the same command "
+                f"afterwards resumes or reuses its result), stop it, or give this run its own folder "
+                f"(hydra.run.dir=<new dir>).") from None
+        # The holder before us removes the file as it ends: a lock on a removed file locks nothing, so retry.
+        with suppress(FileNotFoundError):
+            if os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino:
+                break
         fh.close()
-        raise RunFolderBusy(
-            f"another process is running in {out} ({holder}). Wait for it to finish (rerunning the same command "
-            f"afterwards resumes or reuses its result), stop it, or give this run its own folder "
-            f"(hydra.run.dir=<new dir>).") from None
     try:
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         fh.flush()
-        clean_orphans(out)
+        clean_unfinished_writes(out)
         yield
     finally:
+        path.unlink(missing_ok=True)  # before unlocking: a folder without a lock file has no live run
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
 
@@ -163,3 +217,12 @@ def fit(trainer, module, loader, val_loader=None, *, ckpt_path: str | None = Non
         step = trainer.global_step
         print(f"[isdpo] interrupted at step {step}; rerun the same command to resume", flush=True)
         raise Interrupted(step) from None
+    except Exception as err:
+        # A failed write (a checkpoint on a full or read-only disk) is often followed by more failed writes as the
+        # run stops (the loggers flush their files): the last line of the traceback must name the first one.
+        first = first_write_error(err)
+        if first is None or first is err:
+            raise
+        again = WriteFailed(str(first))
+        again.errno = first.errno
+        raise again from err

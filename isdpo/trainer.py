@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,13 +20,15 @@ from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfi
                                     OptimStateKeyType, StateDictType)
 
 from isdpo.data.loader import LoaderProgress
+from isdpo.artifacts import atomic_path
 from isdpo.module import check_finite_parameters
 from isdpo.schema import LOGGERS, flatten
 from isdpo.tracking import wandb_mode
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<path>.tmp`` then renames: a job killed mid-write never leaves a truncated last.ckpt.
+    """Writes a temporary sibling then renames it (isdpo.artifacts.atomic_path): a job killed mid-write never leaves
+    a truncated last.ckpt, and a failed write (disk full, read-only) names the checkpoint and the cause.
 
     A checkpoint whose parameters hold NaN/inf is refused (NonFiniteError): resuming from it is useless
     and it would replace the last good one.
@@ -38,9 +39,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         check_finite_parameters(checkpoint.get("state_dict", {}), f"write checkpoint {path}")
         if get_filesystem(path).protocol not in ("file", ("file", "local")) and "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, str(tmp), storage_options)
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from isdpo.artifacts import MERGED, config_hash
+from isdpo.artifacts import MERGED, atomic_path, config_hash
 from isdpo.models import (freeze, has_adapters, is_adapter_dir, load_adapter, load_causal_lm, merge_adapters,
                           save_adapter, shared_copy)
 from isdpo.tasks import Task, build_task
@@ -62,15 +62,17 @@ def load_policy(cfg, task: Task, path: str | None, reference):
 def save_model(model, task: Task, path: Path, *, merged: bool = False, state_dict=None) -> None:
     """A Hugging Face folder that loads with ``from_pretrained`` (with the task's tokenizer, if it has one). A model
     with LoRA adapters writes the adapter (PEFT's format) and, with ``merged``, also ``merged/``: a plain model with
-    the adapters merged in. ``state_dict``: the model's whole weights when it is sharded (isdpo.trainer.full_state_dict)."""
-    if has_adapters(model):
-        save_adapter(model, path)
-        if merged:
-            save_model(merge_adapters(model), task, path / MERGED)
-    else:
-        model.save_pretrained(path, state_dict=state_dict)
-    if task.tokenizer is not None:
-        task.tokenizer.save_pretrained(path)
+    the adapters merged in. ``state_dict``: the model's whole weights when it is sharded (isdpo.trainer.full_state_dict).
+    The folder is written whole or not at all (isdpo.artifacts.atomic_path: a failed write names it and the cause)."""
+    with atomic_path(path) as tmp:
+        if has_adapters(model):
+            save_adapter(model, tmp)
+            if merged:
+                save_model(merge_adapters(model), task, tmp / MERGED)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        if task.tokenizer is not None:
+            task.tokenizer.save_pretrained(tmp)
 
 
 def stage_logger(cfg, job_type: str):

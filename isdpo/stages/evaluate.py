@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from isdpo.artifacts import EVALUATION, POLICY, SAMPLES
+from isdpo.artifacts import EVALUATION, POLICY, SAMPLES, atomic_path, write_json
 from isdpo.callbacks import PairEvaluator
 from isdpo.losses import build_loss
 from isdpo.recipe import preference_module
@@ -46,13 +46,14 @@ def run_evaluate(cfg, ref_dir: Path | None = None) -> dict:
 
 def write_evaluation(out: Path, res: dict, policy: str) -> dict:
     """evaluation.json (``res`` and the evaluated ``policy``) and, when ``res`` holds them, samples.jsonl; returns
-    ``res`` without the samples. stage=pipeline writes align's final evaluation point here."""
+    ``res`` without the samples. stage=pipeline writes align's final evaluation point here. Each file is written whole
+    or not at all, evaluation.json last."""
     res = dict(res)
     if "samples" in res:
         prompts, responses, scores = res.pop("samples")
-        with (out / SAMPLES).open("w") as fh:
+        with atomic_path(out / SAMPLES) as tmp, tmp.open("w") as fh:
             for p, r, s in zip(prompts, responses, scores.tolist()):
                 fh.write(json.dumps({"prompt_ids": p, "response_ids": r, "golden_reward": s}) + "\n")
     res["policy"] = policy
-    (out / EVALUATION).write_text(json.dumps(res, indent=2))
+    write_json(out / EVALUATION, res)
     return res

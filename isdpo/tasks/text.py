@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from isdpo.artifacts import check_complete, pairs_file, relabel_dir, reward_dir, sft_data_key
+from isdpo.artifacts import atomic_path, check_complete, pairs_file, relabel_dir, reward_dir, sft_data_key
 from isdpo.data.text import (as_plain, data_spec, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
                              subsample, tokenize_pairs, tokenize_sft, tokenizer_source)
 from isdpo.evaluate import Evaluator
@@ -50,15 +50,15 @@ class TextEvaluator(Evaluator):
     def _write(self, res: dict) -> None:
         d = Path(self.completions_dir)
         d.mkdir(parents=True, exist_ok=True)
-        if not (d / "prompts.jsonl").exists():
-            with (d / "prompts.jsonl").open("w") as fh:
+        if not (d / "prompts.jsonl").exists():  # written whole or not at all: a crash leaves no half file kept forever
+            with atomic_path(d / "prompts.jsonl") as tmp, tmp.open("w") as fh:
                 for i, (p, r, s) in enumerate(zip(self.prompt_texts, self.reference_texts,
                                                   self.reference_scores.tolist())):
                     fh.write(json.dumps({"prompt_index": i, "prompt": p, "reference": r, "reference_score": s}) + "\n")
         n = len(list(d.glob("eval_*.jsonl")))
         _, responses, scores = res["samples"]
         ref = self.reference_scores.repeat_interleave(self.samples_per_prompt).tolist()
-        with (d / f"eval_{n:04d}.jsonl").open("w") as fh:
+        with atomic_path(d / f"eval_{n:04d}.jsonl") as tmp, tmp.open("w") as fh:
             for i, (resp, s, rs) in enumerate(zip(responses, scores.tolist(), ref)):
                 fh.write(json.dumps({"prompt_index": i // self.samples_per_prompt, "sample": i % self.samples_per_prompt,
                                      "completion": self.decode(resp), "golden_reward": s, "reference_score": rs,
