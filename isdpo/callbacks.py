@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from isdpo.artifacts import read_jsonl, write_text
 from isdpo.data.collate import PreferenceCollator
 from isdpo.evaluate import Evaluator
 from isdpo.logprobs import inference
@@ -21,12 +22,6 @@ from isdpo.module import NonFiniteError, PreferenceModule, nonfinite_tensors
 from isdpo.timing import TIMER
 from isdpo.tracking import with_sqrt_kl
 from isdpo.trainer import full_state_dict
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class PairEvaluator:
@@ -71,8 +66,9 @@ class EvalCallback(L.Callback):
 
     Each point is appended to ``metrics_path`` (JSON lines: step, win_rate, kl, ..., loss, rewards/accuracies,
     ...: the file holds evaluation points only, so its keys carry no ``eval/`` prefix) and sent to the
-    trainer's loggers under ``eval/``. On resume, points after the checkpoint's step are dropped first so the
-    file equals that of an uninterrupted run. Only global rank zero evaluates.
+    trainer's loggers under ``eval/``. On resume, points after the checkpoint's step are dropped first (and a
+    half-written last line a crash left), so the file equals that of an uninterrupted run; a point missing at the
+    checkpoint's step is evaluated again. Only global rank zero evaluates.
     """
 
     def __init__(self, evaluator: Evaluator | None, metrics_path: str | Path, every_n_steps: int,
@@ -86,6 +82,7 @@ class EvalCallback(L.Callback):
         # as stage=evaluate would, instead of evaluating the same policy again.
         self.last_evaluation: tuple[int, dict] | None = None
         self._whole = None  # rank zero's unsharded copy of the policy under FSDP
+        self._started = False  # whether Lightning ran the train hooks (it skips them for a run resumed at its end)
 
     def setup(self, trainer, pl_module, stage):
         # Before the strategy wraps the model. Under FSDP each rank then holds a shard of every parameter, and
@@ -155,15 +152,40 @@ class EvalCallback(L.Callback):
             logger.log_metrics({f"eval/{k}": v for k, v in with_sqrt_kl(res).items()}, step=step)
 
     def on_train_start(self, trainer, pl_module):
-        if trainer.global_step > 0:  # resumed: the checkpoint's step was evaluated before it was written
-            self.last_step = trainer.global_step
+        self._started = True
+        step = trainer.global_step
+        kept: list[dict] = []
+        if step > 0:  # resumed: keep the points up to the checkpoint (every rank reads them: see below)
+            kept = [r for r in read_jsonl(self.metrics_path, torn_tail=True) if r["step"] <= step]
+            # The checkpoint's step was evaluated before it was written; only a point lost since (a torn last line)
+            # is evaluated again. Every rank decides alike: under FSDP evaluating is a collective.
+            if any(r["step"] == step for r in kept) or not self._due(trainer, step):
+                self.last_step = step
         if trainer.is_global_zero:
-            kept: list[dict] = []
-            if trainer.global_step > 0:  # resumed: keep the points up to the checkpoint
-                kept = [r for r in read_jsonl(self.metrics_path) if r["step"] <= trainer.global_step]
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        if trainer.global_step == 0:  # a resumed run has its points up to the checkpoint already
+            write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.last_step != step:  # a fresh run's step 0, or a resumed run's lost point
+            self._evaluate(trainer, pl_module)
+
+    def _due(self, trainer, step: int) -> bool:
+        """Whether the curve has a point at ``step``: the start, every ``every_n_steps``, the last step."""
+        last = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        return step == 0 or (self.every_n_steps > 0 and step % self.every_n_steps == 0) or step >= last
+
+    def finish(self, trainer, pl_module) -> None:
+        """After ``fit``. Lightning runs no train hook for a run resumed at its last step (fit returns at once): its
+        curve is cleaned here as on_train_start would (a torn last line, points past the checkpoint) and, with one
+        process, its final point evaluated again if a crash lost it (several processes: isdpo.run_guard's final-point
+        check says so)."""
+        if self._started or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        text = self.metrics_path.read_text() if self.metrics_path.exists() else None
+        kept = [r for r in read_jsonl(self.metrics_path, torn_tail=True) if r["step"] <= step]
+        cleaned = "".join(json.dumps(r) + "\n" for r in kept)
+        if text is not None and cleaned != text:
+            write_text(self.metrics_path, cleaned)
+        if (not kept or kept[-1]["step"] != step) and trainer.world_size == 1:
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

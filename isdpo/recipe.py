@@ -36,21 +36,23 @@ def pair_collator(pad_id: int, *, packing: bool = False, share_prompt: bool = Tr
 
 def pair_loader(pairs: Sequence[dict], *, batch_size: int, seed: int, pad_id: int, num_workers: int = 0,
                 shuffle: bool = True, length_grouped: bool = False, group_batches: int = 64, packing: bool = False,
-                share_prompt: bool = True, prompts_only: bool = False):
+                share_prompt: bool = True, prompts_only: bool = False, accumulate: int = 1):
     """A seeded, rank-sharded, resumable loader of preference pairs (length-grouped when asked); with
-    ``prompts_only`` (online training) the same order of the pairs' prompts alone."""
+    ``prompts_only`` (online training) the same order of the pairs' prompts alone. Each epoch holds whole
+    optimizer steps of ``accumulate`` micro-batches."""
     collate = PromptCollator() if prompts_only else pair_collator(pad_id, packing=packing, share_prompt=share_prompt)
     if length_grouped:
         return LengthGroupedLoader(pairs, batch_size=batch_size, seed=seed, shuffle=shuffle, collate_fn=collate,
-                                   num_workers=num_workers, group_batches=group_batches)
+                                   num_workers=num_workers, group_batches=group_batches, accumulate=accumulate)
     return ResumableLoader(pairs, batch_size=batch_size, seed=seed, shuffle=shuffle, collate_fn=collate,
-                           num_workers=num_workers)
+                           num_workers=num_workers, accumulate=accumulate)
 
 
-def sft_loader(examples: Sequence[dict], *, batch_size: int, seed: int, pad_id: int, num_workers: int = 0):
-    """A seeded, rank-sharded, resumable loader of (prompt, response) examples."""
+def sft_loader(examples: Sequence[dict], *, batch_size: int, seed: int, pad_id: int, num_workers: int = 0,
+               accumulate: int = 1):
+    """A seeded, rank-sharded, resumable loader of (prompt, response) examples (whole optimizer steps per epoch)."""
     return ResumableLoader(examples, batch_size=batch_size, seed=seed, collate_fn=SFTCollator(pad_id),
-                           num_workers=num_workers)
+                           num_workers=num_workers, accumulate=accumulate)
 
 
 def preference_module(policy, reference, loss_fn: DAALoss, *, lr: float, weight_decay: float = 0.0,

@@ -277,6 +277,8 @@ class Sft:
 @dataclass
 class Train:
     global_batch_size: int = ranged(AT_LEAST_ONE)
+    # the pairs left over after an epoch's last whole global batch: false = refuse a run that reaches them, true = skip
+    drop_remainder: bool = False
     max_steps: int = ranged(AT_LEAST_ONE)
     lr: float = ranged(POSITIVE)
     weight_decay: float = ranged(NON_NEGATIVE)

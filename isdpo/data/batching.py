@@ -92,7 +92,7 @@ class LengthGroupedLoader(ResumableLoader):
     """
 
     def __init__(self, dataset, *, batch_size: int, seed: int, shuffle: bool = True,
-                 lengths: Sequence[int] | None = None, group_batches: int = 64, **kwargs):
+                 lengths: Sequence[int] | None = None, group_batches: int = 64, accumulate: int = 1, **kwargs):
         lengths = [pair_length(e) for e in dataset] if lengths is None else lengths
         if len(lengths) != len(dataset):
             raise ValueError(f"{len(lengths)} lengths for {len(dataset)} examples")
@@ -100,7 +100,7 @@ class LengthGroupedLoader(ResumableLoader):
                                                    group_batches=group_batches)
         DataLoader.__init__(self, dataset, batch_size=batch_size, sampler=self.seeded_sampler, drop_last=True,
                             **kwargs)
-        self.epoch, self.consumed = 0, 0
+        self.epoch, self.consumed, self.accumulate = 0, 0, accumulate
 
 
 def _segments(example: Mapping, share_prompt: bool):

@@ -3,16 +3,14 @@ and reads and writes files under ``cfg.paths``; nothing here imports Hydra. One 
 ``STAGES`` maps ``stage=<name>`` to its function."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from isdpo.artifacts import RESULT
+from isdpo.artifacts import RESULT, RUN_CONFIG, write_json
+from isdpo.distributed import rank_world
 from isdpo.host import reuse_freed_memory
-from isdpo.run_guard import run_folder_lock
+from isdpo.run_guard import adopt_hydra_record, run_folder_lock
 from isdpo.stages.align import run_align
 from isdpo.stages.common import run_dir
 from isdpo.stages.evaluate import run_evaluate
@@ -35,8 +33,9 @@ STAGES: dict[str, Callable[..., Any]] = {
 
 
 def run_stage(cfg, fast_dev_run: bool = False) -> Any:
-    """Run ``cfg.stage`` holding the run folder's lock (one process per folder at a time); a completed run's
-    result.json gets the ``timing`` block (isdpo.timing: seconds per phase, start-up included)."""
+    """Run ``cfg.stage`` holding the run folder's lock (one process per folder at a time). A completed run's
+    result.json is written here, once, with the ``timing`` block (isdpo.timing: seconds per phase, start-up
+    included)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not known; allowed: {', '.join(STAGES)}")
     if cfg.hardware.get("torch_threads"):
@@ -45,6 +44,9 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
         reuse_freed_memory()
     TIMER.start_run()
     with run_folder_lock(run_dir(cfg)):
+        # A new folder's; else the record waits for the config check of the run there (isdpo.run_guard.check_identity).
+        if rank_world()[0] == 0 and not (run_dir(cfg) / RUN_CONFIG).exists():
+            adopt_hydra_record(run_dir(cfg))
         result = STAGES[cfg.stage](cfg, fast_dev_run)
         timing = TIMER.end_run()
         if isinstance(result, dict) and result.get("status") == "completed":  # stage=align or pipeline, rank zero
@@ -52,9 +54,3 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
             write_json(run_dir(cfg) / RESULT, result)
     return result
 
-
-def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as JSON at ``path``, atomically (a reader never sees a half-written file)."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

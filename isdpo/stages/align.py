@@ -2,23 +2,22 @@
 over-optimization curve); writes metrics.jsonl, policy/, result.json and checkpoints/last.ckpt."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 
-from isdpo.artifacts import CHECKPOINT, EVALUATION, METRICS, POLICY, RESULT, SAMPLES
-from isdpo.callbacks import EvalCallback, PairEvaluator, read_jsonl
+from isdpo.artifacts import CHECKPOINT, EVALUATION, METRICS, POLICY, RESULT, SAMPLES, read_jsonl
+from isdpo.callbacks import EvalCallback, PairEvaluator
+from isdpo.data.loader import plan_steps
 from isdpo.distributed import rank_world
 from isdpo.flops import PerfMonitor
 from isdpo.losses import build_loss
 from isdpo.models import load_causal_lm, shared_copy
 from isdpo.online import OnlinePairs
 from isdpo.recipe import pair_collator, pair_loader, preference_module, prepare_model
-from isdpo.run_guard import check_checkpoint, check_identity, fit
+from isdpo.run_guard import check_checkpoint, check_final_point, check_identity, check_steps, fit
 from isdpo.stages.common import (load_reference, lora_settings, plain, reference_path, run_dir, save_model, stage_logger,
                                  task_of)
 from isdpo.stages.evaluate import write_evaluation
@@ -43,7 +42,9 @@ def resume_point(cfg, out: Path, fast_dev_run: bool) -> str | None:
 
 
 def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save_evaluation: bool = False) -> dict:
-    """Preference training with the configured loss; returns result.json's content ({} on ranks > 0).
+    """Preference training with the configured loss; returns result.json's content ({} on ranks > 0), which
+    isdpo.stages.run_stage writes once the stage is done. A run that did not train its planned steps, or whose curve
+    lacks the final evaluation, raises (isdpo.run_guard.RunIncomplete) instead.
 
     ``save_evaluation`` (stage=pipeline): the final evaluation point of the curve is also written as stage=evaluate
     writes it (evaluation.json, samples.jsonl: the same policy, evaluator and seed, so the same numbers), and
@@ -58,13 +59,21 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
     with TIMER.phase("preferences"):
         # The precomputed reference log-probs under the training precision: at step 0 they equal the policy's.
         pairs = task.preference_examples(reference, ref_dir, cfg.hardware.precision)
+    hw, tr = cfg.hardware, cfg.task.train
+    # Before anything trains: a global batch the pairs cannot fill stops here, with the numbers.
+    per_epoch, planned = plan_steps(len(pairs), tr.global_batch_size, what="training pairs",
+                                    batch_key="task.train.global_batch_size", max_steps=tr.max_steps,
+                                    epochs=tr.get("epochs"), drop_remainder=tr.drop_remainder,
+                                    allow_key="task.train.drop_remainder",
+                                    unit=hw.per_device_batch_size * hw.devices * hw.num_nodes)
+    print(f"[isdpo] {len(pairs)} training pairs = {per_epoch} steps per epoch at global batch "
+          f"{tr.global_batch_size}; training for {planned} steps")
     with TIMER.phase("evaluation"):
         evaluator = task.evaluator(reference, cfg.task.eval)
         held_out = PairEvaluator(task.eval_pairs(reference, cfg.task.eval), pad_id=task.pad_id,
                                  batch_size=cfg.hardware.per_device_batch_size)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    hw, tr = cfg.hardware, cfg.task.train
     # The policy starts as the reference (both from the SFT checkpoint, or both model.pretrained): a second copy, or
     # with LoRA adapters the reference's own weights in a module tree of its own (the reference is the policy
     # without its adapters, and only one copy of the weights is in memory).
@@ -82,15 +91,15 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
     loader = pair_loader(pairs, batch_size=hw.per_device_batch_size, seed=cfg.seed, pad_id=task.pad_id,
                          num_workers=hw.num_workers, length_grouped=tr.length_grouped,
                          group_batches=tr.group_batches, packing=tr.packing, share_prompt=tr.share_prompt,
-                         prompts_only=online is not None)
+                         prompts_only=online is not None, accumulate=acc)
     module = preference_module(policy, reference, loss_fn, lr=tr.lr, weight_decay=tr.weight_decay,
                                warmup_steps=tr.warmup_steps, schedule=tr.schedule,
                                response_only=tr.response_only_logits, concatenated=tr.concatenated_forward,
                                fused_adamw=tr.fused_adamw, strategy=hw.strategy, online=online)
     every = cfg.logger.log_every_n_steps  # optimizer steps between two rows of training metrics
     # The throughput monitor must come before the evaluation, which it must not time.
-    callbacks = [PerfMonitor(peak_flops=hw.get("peak_flops", "auto"), log_every_n_steps=every),
-                 EvalCallback(evaluator, out / METRICS, cfg.task.eval.every_n_steps, held_out)]
+    curve = EvalCallback(evaluator, out / METRICS, cfg.task.eval.every_n_steps, held_out)
+    callbacks = [PerfMonitor(peak_flops=hw.get("peak_flops", "auto"), log_every_n_steps=every), curve]
     logger = stage_logger(cfg, "align")
     try:
         # max_steps null (task=preference): task.train.epochs passes over the pairs.
@@ -109,21 +118,23 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
         started = time.time()
         with TIMER.phase("train"):
             fit(trainer, module, loader, ckpt_path=resume)
+        check_steps(trainer.global_step, None if fast_dev_run else planned)
+        curve.finish(trainer, module)  # a run resumed at its end: Lightning ran none of the curve's hooks
         if tr.checkpoint_every_n_steps > 0 and not fast_dev_run:
             # The final state too, so rerunning a finished job resumes at its end instead of retraining.
             trainer.save_checkpoint(out / CHECKPOINT)
         whole = full_state_dict(trainer)  # FSDP: each rank holds a shard; gathering is a collective
         if not trainer.is_global_zero:  # other data-parallel ranks stop here; rank zero writes
             return {}
+        result = completed_result(cfg, out, time.time() - started, ref_dir, trainer.global_step)
         save_model(policy, task, out / POLICY, merged=bool(lora) and cfg.peft.merge_on_save, state_dict=whole)
         if lora and ref_dir is None and cfg.model.gguf_file:  # transformers loads a GGUF base only with its file named
             print(f"[isdpo] policy/ holds LoRA adapters on the GGUF file {cfg.model.gguf_file}; load them with "
                   f'AutoPeftModelForCausalLM.from_pretrained("{out / POLICY}", gguf_file="{cfg.model.gguf_file}")')
-        result = write_result(cfg, out, time.time() - started, ref_dir)
         log_run_summary(logger, out, result["status"])
         if not tr.keep_checkpoints:  # the run is whole: its policy/ and its curve are written
             shutil.rmtree((out / CHECKPOINT).parent, ignore_errors=True)
-        final = next(c for c in callbacks if isinstance(c, EvalCallback)).last_evaluation
+        final = curve.last_evaluation
         # One process: the evaluated policy is the saved one (a sharded policy is evaluated again from policy/).
         if save_evaluation and final is not None and final[0] == trainer.global_step and trainer.world_size == 1:
             write_evaluation(out, final[1], str(out / POLICY))
@@ -175,10 +186,12 @@ def summary(result: dict) -> str:
     return f"finished at step {f['step']} (no evaluation metrics: no golden reward and task.eval.n_pairs=0)"
 
 
-def write_result(cfg, out: Path, seconds: float, ref_dir: Path | None) -> dict:
-    """result.json: the final and the peak evaluation point of metrics.jsonl, plus what the run was."""
+def completed_result(cfg, out: Path, seconds: float, ref_dir: Path | None, step: int) -> dict:
+    """result.json's content: the final and the peak evaluation point of metrics.jsonl, plus what the run was;
+    raises RunIncomplete when the curve does not end with the evaluation at the last step ``step``."""
     rows = read_jsonl(out / METRICS)
-    final = rows[-1] if rows else None
+    check_final_point(out / METRICS, rows, step)
+    final = rows[-1]
     peak, peak_by = peak_point(rows)
     result = {
         "status": "completed", "task": cfg.task.name, "loss": cfg.loss.name, "beta": float(cfg.beta),
@@ -187,7 +200,4 @@ def write_result(cfg, out: Path, seconds: float, ref_dir: Path | None) -> dict:
         "train_seconds": round(seconds, 1),
         "reference_dir": str(ref_dir) if ref_dir is not None else str(cfg.model.pretrained), "output_dir": str(out),
     }
-    tmp = out / f"{RESULT}.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / RESULT)
     return result

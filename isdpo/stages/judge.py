@@ -8,12 +8,10 @@ and adds ``judge`` to ``result.json`` so the sweep report shows it.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from isdpo.artifacts import COMPLETIONS, RESULT
-from isdpo.callbacks import read_jsonl
+from isdpo.artifacts import COMPLETIONS, RESULT, read_json, read_jsonl, write_json
 from isdpo.judge import HFJudge, OpenAIJudge, judge_win_rate, save_records_jsonl
 from isdpo.models import load_causal_lm, load_tokenizer
 
@@ -48,7 +46,9 @@ def final_completions(out: Path, n_prompts: int) -> tuple[list[str], list[str], 
             [prompts[r["prompt_index"]]["reference"] for r in rows])
 
 
-def run_judge(cfg, judge=None) -> dict[str, Any]:
+def run_judge(cfg, judge=None, add_to_result: bool = True) -> dict[str, Any]:
+    """Judge the run's final completions; writes judge.jsonl and judge.json and, with ``add_to_result`` (stage=judge
+    on a finished run; stage=pipeline adds it to the result it writes), the summary into result.json."""
     out = Path(cfg.paths.output_dir)
     prompts, policy, reference = final_completions(out, cfg.judge.n_prompts)
     judge = judge or build_judge(cfg.judge)
@@ -57,12 +57,12 @@ def run_judge(cfg, judge=None) -> dict[str, Any]:
     summary = {k: v for k, v in res.items() if k != "records"}
     summary["backend"] = cfg.judge.backend
     summary["model"] = cfg.judge.model if cfg.judge.backend == "openai" else cfg.judge.model.name
-    (out / "judge.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "judge.json", summary)
     result_path = out / RESULT
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
+    if add_to_result and result_path.exists():
+        result = read_json(result_path, "rerun the run's stage=align or stage=pipeline to write it again")
         result["judge"] = summary
-        result_path.write_text(json.dumps(result, indent=2))
+        write_json(result_path, result)
     print(f"[isdpo] judge win rate {summary['win_rate']:.3f} over {summary['n']} prompts "
           f"({summary['n_unparseable']} unparseable): {out / 'judge.json'}")
     return summary

@@ -23,5 +23,5 @@ def run_pipeline(cfg, fast_dev_run: bool = False) -> dict:
         if not (run_dir(cfg) / EVALUATION).exists():  # align saved its final point unless it had none to save
             run_evaluate(cfg, ref_dir=ref)
         if cfg.judge.backend != "none":
-            result["judge"] = run_judge(cfg)
+            result["judge"] = run_judge(cfg, add_to_result=False)  # run_stage writes the result
     return result

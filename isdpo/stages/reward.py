@@ -9,12 +9,13 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from isdpo.artifacts import publish, reward_dir, reward_key
+from isdpo.data.loader import plan_steps
 from isdpo.data.text import as_plain, get_tokenizer, load_pairs, require_nonempty, subsample, tokenize_pairs
 from isdpo.golden_rm import load_reward_model, score_head_names
 from isdpo.models import merge_adapters
 from isdpo.module import RewardModule
 from isdpo.recipe import pair_collator, pair_loader, prepare_model
-from isdpo.run_guard import fit
+from isdpo.run_guard import check_steps, fit
 from isdpo.stages.common import LORA_KEYS, run_dir, stage_logger
 from isdpo.stages.sft import sft_reference
 from isdpo.tasks import build_task
@@ -62,8 +63,12 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
         train, val = reward_pairs(task, tok, "train"), reward_pairs(task, tok, "val")
         acc = accumulation(r.global_batch_size, hw.per_device_batch_size, hw.devices, hw.num_nodes,
                            keys=("task.reward.global_batch_size", "hardware.per_device_batch_size"))
+        # The pairs left over after an epoch's last whole batch are skipped; a batch they cannot fill once stops here.
+        _, planned = plan_steps(len(train), int(r.global_batch_size), what="golden-RM training pairs",
+                                batch_key="task.reward.global_batch_size", epochs=int(r.epochs),
+                                unit=hw.per_device_batch_size * hw.devices * hw.num_nodes)
         train_loader = pair_loader(train, batch_size=hw.per_device_batch_size, seed=int(r.seed),
-                                   pad_id=tok.pad_token_id, num_workers=hw.num_workers)
+                                   pad_id=tok.pad_token_id, num_workers=hw.num_workers, accumulate=acc)
         val_loader = DataLoader(val, batch_size=hw.per_device_batch_size, shuffle=False,
                                 collate_fn=pair_collator(tok.pad_token_id), num_workers=hw.num_workers)
         module = RewardModule(model, lr=r.lr, weight_decay=r.weight_decay, warmup_steps=r.warmup_steps,
@@ -81,6 +86,7 @@ def run_reward(cfg, fast_dev_run: bool = False) -> Path:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("reward/")}
         finally:
             finish_logger(logger)
+        check_steps(trainer.global_step, None if fast_dev_run else planned)  # never publish an untrained RM
         whole = full_state_dict(trainer)  # FSDP: each rank holds a shard; gathering is a collective
         if not trainer.is_global_zero:
             return {}

@@ -8,10 +8,11 @@ from typing import Any, Callable, Mapping
 import lightning as L
 
 from isdpo.artifacts import cached_dir, sft_dir_key
+from isdpo.data.loader import plan_steps
 from isdpo.models import load_causal_lm, merge_adapters
 from isdpo.module import SFTModule
 from isdpo.recipe import prepare_model, sft_loader
-from isdpo.run_guard import fit
+from isdpo.run_guard import check_steps, fit
 from isdpo.stages.common import lora_settings, save_model, stage_logger, task_of
 from isdpo.tasks import Task
 from isdpo.timing import TIMER
@@ -44,8 +45,14 @@ def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, 
                               activation_checkpointing=hw.activation_checkpointing, strategy=hw.strategy,
                               lora=lora, seed=sft_cfg.seed)
         per_device, acc = sft_micro_batch(sft_cfg.batch_size, hw)
-        loader = sft_loader(task.sft_examples(), batch_size=per_device, seed=sft_cfg.seed, pad_id=task.pad_id,
-                            num_workers=hw.num_workers)
+        examples = task.sft_examples()
+        # SFT sets are large: the sequences left over after an epoch's last whole batch are skipped (no key: the
+        # cached references keep their keys); a batch they cannot fill once stops here.
+        _, planned = plan_steps(len(examples), int(sft_cfg.batch_size), what="SFT sequences",
+                                batch_key="task.sft.batch_size", epochs=int(sft_cfg.epochs),
+                                unit=per_device * int(hw.devices) * int(hw.num_nodes))
+        loader = sft_loader(examples, batch_size=per_device, seed=sft_cfg.seed, pad_id=task.pad_id,
+                            num_workers=hw.num_workers, accumulate=acc)
         module = SFTModule(model, lr=sft_cfg.lr, weight_decay=sft_cfg.weight_decay,
                            warmup_steps=sft_cfg.warmup_steps, schedule=sft_cfg.schedule)
         logger = make_logger()
@@ -56,6 +63,7 @@ def sft_reference(task: Task, model_cfg, sft_cfg, hw, *, cache_dir: str | Path, 
             fit(trainer, module, loader)
         finally:
             finish_logger(logger)
+        check_steps(trainer.global_step, None if fast_dev_run else planned)  # never publish an untrained reference
         whole = full_state_dict(trainer)  # FSDP: each rank holds a shard; gathering is a collective
         if trainer.is_global_zero:
             # LoRA adapters merged: downstream stages load a plain model

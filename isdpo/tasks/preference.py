@@ -171,14 +171,7 @@ class PreferenceRuntime:
         pairs, counts, rendered = self._load()["train"]
         pairs = subsample(pairs, tr.get("max_pairs"), 0)
         examples = self._tokenize(pairs, counts, rendered, "preference/train")
-        require_nonempty(examples, "the preference training set")
-        per_epoch = len(examples) // int(tr["global_batch_size"])
-        if per_epoch == 0:
-            raise DataError(f"{len(examples)} training pairs are fewer than task.train.global_batch_size="
-                            f"{tr['global_batch_size']}: lower it (and hardware.per_device_batch_size), or add pairs")
-        steps = tr["max_steps"] if tr["max_steps"] is not None else f"{per_epoch * int(tr['epochs'])} ({tr['epochs']} epochs)"
-        print(f"[isdpo] {len(examples)} training pairs = {per_epoch} steps per epoch at global batch "
-              f"{tr['global_batch_size']}; training for {steps} steps")
+        require_nonempty(examples, "the preference training set")  # the steps they give: stage=align's plan_steps
         if tr["precompute_ref_logps"] and reference is not None:
             examples, _, _ = add_reference_logps(
                 examples, reference, pad_id=self.pad_id, cache_dir=self.cache_dir,
