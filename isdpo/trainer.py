@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -19,8 +20,8 @@ import torch
 from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig, FullyShardedDataParallel,
                                     OptimStateKeyType, StateDictType)
 
-from isdpo.data.loader import LoaderProgress
 from isdpo.artifacts import atomic_path
+from isdpo.data.loader import LoaderProgress
 from isdpo.module import check_finite_parameters
 from isdpo.schema import LOGGERS, flatten
 from isdpo.tracking import wandb_mode
@@ -72,6 +73,55 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module):
         pass  # the bar closes once, at on_train_end
+
+
+class LineProgress(ProgressBar):
+    """Training progress for a log (stdout is no terminal: a SLURM .out file, a joblib worker, a pipe): a line at
+    each tenth of the run's optimizer steps, and at least one every ``every_s`` seconds (a slow run still shows it
+    is alive), instead of a bar redrawn at every step (tqdm's carriage returns: hundreds of KB per run)."""
+
+    def __init__(self, parts: int = 10, every_s: float = 300.0):
+        super().__init__()
+        self.parts, self.every_s, self._enabled = parts, every_s, True
+        self._started = self._shown = 0.0
+        self._first = self._step = self._part = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @staticmethod
+    def _total(trainer) -> int | None:
+        total = trainer.estimated_stepping_batches
+        return int(total) if math.isfinite(total) and total > 0 else None
+
+    def on_train_start(self, trainer, pl_module):
+        self._started = self._shown = time.monotonic()
+        self._first = self._step = trainer.global_step  # a resumed run's rate counts its own steps
+        total = self._total(trainer)
+        self._part = self._step * self.parts // total if total else 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step, total, now = trainer.global_step, self._total(trainer), time.monotonic()
+        if not self._enabled or step == self._step:  # mid-accumulation: no optimizer step yet
+            return
+        self._step = step
+        part = step * self.parts // total if total else 0
+        if part == self._part and now - self._shown < self.every_s and step != total:
+            return
+        self._part, self._shown = part, now
+        rate = (step - self._first) / max(now - self._started, 1e-9)
+        shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                 for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"]
+        of = f"/{total} ({100 * step // total}%)" if total else ""
+        print(f"[isdpo] step {step}{of}, {now - self._started:.0f} s, {rate:.3g} steps/s"
+              + "".join(f", {m}" for m in shown), flush=True)
 
 
 class StopPeersOnError(L.Callback):
@@ -214,8 +264,8 @@ def build_trainer(hw: Mapping[str, Any], *, max_steps: int, accumulate: int, run
     ``log_every_n_steps``: how often the loggers get the training metrics (the modules call ``self.log`` only then)."""
     # LoaderProgress must run before ModelCheckpoint (Lightning puts checkpoint callbacks last).
     callbacks = [LoaderProgress(), StopPeersOnError(), *callbacks]
-    if progress:
-        callbacks.append(StepProgressBar())
+    if progress:  # a bar on a terminal; in a log, a line per tenth of the run
+        callbacks.append(StepProgressBar() if sys.stdout.isatty() else LineProgress())
     plugins = []
     if SLURMEnvironment.detect():
         # Requeue has one owner, submitit (hydra.launcher.max_num_timeout): it requeues the job with the
