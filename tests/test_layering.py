@@ -81,8 +81,9 @@ def floor_of(module: str) -> int | None:
 
 
 def test_the_drawing_has_its_floors_and_names_only_files_that_exist():
-    assert len(set(FLOORS.values())) >= 5, FLOORS  # the parse saw the drawing's rules
+    # the parse saw the drawing's rules: the entry point on top, stages below it, the pure losses at the bottom
     assert FLOORS["launch"] == 0 and FLOORS["isdpo.stages"] == 1
+    assert FLOORS["isdpo.losses"] == max(FLOORS.values()) > FLOORS["isdpo.stages"], FLOORS
     assert MISSING == [], "docs/architecture.md draws files that are gone"
 
 
@@ -117,7 +118,7 @@ def test_no_import_cycle():
     for n in sorted(graph):
         if n not in state:
             visit(n)
-    assert len(graph) > 20  # the walk saw the package
+    assert {"isdpo.stages", "isdpo.schema"} <= graph["isdpo.config"]  # the walk read the package's imports
 
 
 def test_function_local_imports_are_only_for_optional_heavy_dependencies():

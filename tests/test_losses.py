@@ -227,7 +227,6 @@ def test_registry_is_complete():
     """A new loss is its function (registered in LOSSES), its conf/loss file and its tests; nothing else lists
     the losses, so the registry is checked against those."""
     assert sorted(fn.__name__ for fn in LOSSES.values()) == sorted(base_loss_functions())  # every one registered
-    assert len(LOSSES) >= 8  # the scan saw the module's losses
     tests = [name for name in globals() if name.startswith("test_")]
     for name, fn in LOSSES.items():
         assert fn.__name__ == f"{name}_loss"
