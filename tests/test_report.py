@@ -23,7 +23,9 @@ from isdpo.report import stats as report_stats
 from isdpo.report import tables as report_tables
 from isdpo.report import wandb as report_wandb
 from isdpo import artifacts, run_guard
+from isdpo.tracking import run_summary
 from tests.hydra_utils import compose_cfg
+from tests.wandb_records import offline_run
 
 LOSSES, BETAS, SEEDS = ("dpo", "isdpo"), (0.01, 0.1), (0, 1)
 STEPS = (0, 10, 20, 30, 40)
@@ -390,16 +392,141 @@ def test_wandb_hang_times_out(monkeypatch):
 
 
 def test_wandb_summaries(monkeypatch):
-    run = types.SimpleNamespace(name="dpo-b0.1-s0", state="finished", job_type="align", group="fake",
-                                config={"loss": {"name": "dpo"}, "task": {"name": "synthetic"}, "beta": 0.1,
-                                        "seed": 0},
-                                summary_metrics={"eval/win_rate": 0.75, "eval/kl": 1.5}, url="https://x")
-    fake_wandb(monkeypatch, lambda timeout=None: types.SimpleNamespace(runs=lambda project: [run]))
+    """An align run's summary as isdpo.tracking writes it (final/*, peak/*, drop/*, max/kl, status; eval/* then
+    hold {"max", "last"}), one of a run with only the {"max", "last"} eval/* summaries, and one of older code
+    (eval/* scalars: the last value, no max)."""
+    curve = [{"step": 10, "win_rate": 0.8, "kl": 1.0}, {"step": 20, "win_rate": 0.75, "kl": 1.5}]
+    eval_summaries = {"eval/win_rate": {"max": 0.8, "last": 0.75}, "eval/kl": {"max": 1.5, "last": 1.5},
+                      "trainer/global_step": 20}
+    summaries = {"new": {**eval_summaries, **run_summary("completed", curve, curve[0], "win_rate")},
+                 "eval-only": eval_summaries, "old": {"eval/win_rate": 0.75, "eval/kl": 1.5}}
+    runs = [types.SimpleNamespace(name=name, state="finished", job_type="align", group="fake",
+                                  config={"loss": {"name": "dpo"}, "task": {"name": "synthetic"}, "beta": 0.1,
+                                          "seed": 0}, summary_metrics=summary, url="https://x")
+            for name, summary in summaries.items()]
+    fake_wandb(monkeypatch, lambda timeout=None: types.SimpleNamespace(runs=lambda project: runs))
     rows, error = report_wandb.fetch_wandb("me/proj")
     assert error is None
-    assert rows[0]["loss"] == "dpo" and rows[0]["win_rate"] == 0.75 and rows[0]["task"] == "synthetic"
+    got = {r["name"]: {k: r[k] for k in ("step", "win_rate", "peak_win_rate", "drop", "kl", "max_kl", "status")}
+           for r in rows}
+    assert got["new"] == {"step": 20, "win_rate": 0.75, "peak_win_rate": 0.8, "drop": pytest.approx(0.05),
+                          "kl": 1.5, "max_kl": 1.5, "status": "completed"}
+    assert got["eval-only"] == {"step": 20, "win_rate": 0.75, "peak_win_rate": 0.8, "drop": None, "kl": 1.5,
+                                "max_kl": 1.5, "status": None}
+    assert got["old"] == {"step": None, "win_rate": 0.75, "peak_win_rate": None, "drop": None, "kl": 1.5,
+                          "max_kl": None, "status": None}
+    assert rows[0]["loss"] == "dpo" and rows[0]["task"] == "synthetic"
     md = report_wandb.wandb_markdown("me/proj", rows, error)
-    assert "| dpo-b0.1-s0 | finished | align | synthetic | dpo | 0.1 | 0 | 0.750 | 1.5 |" in md
+    assert "| new | finished | completed | align | synthetic | dpo | 0.1 | 0 | 20 | 0.750 | 0.800 | 0.050 | 1.5 | " \
+           "1.5 |" in md
+    assert "| old | finished | – | align | synthetic | dpo | 0.1 | 0 | – | 0.750 | – | – | 1.5 | – |" in md
+
+
+def small_sweep(root, experiment="fake"):
+    """dpo and isdpo at β 0.1, two seeds each, completed, and one run that crashed at its start."""
+    for loss in LOSSES:
+        for seed in SEEDS:
+            write_run(job(root, loss, 0.1, seed), loss, 0.1, seed)
+    write_hydra(job(root, "dpo", 0.1, 2), "dpo", 0.1, 2)
+    if experiment != "fake":
+        for folder in root.iterdir():
+            config = folder / ".hydra" / "config.yaml"
+            config.write_text(config.read_text().replace("experiment: fake", f"experiment: {experiment}"))
+    return root
+
+
+def test_the_report_is_logged_into_the_sweeps_wandb_group(tmp_path, monkeypatch):
+    """--wandb: the report as an offline W&B run of job_type report in the runs' group (their experiment), its
+    PNGs as images and its CSV files as Tables, read back from the .wandb file."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = small_sweep(tmp_path / "multirun" / "fake")
+    out = tmp_path / "rep"
+    assert report_cli.main([str(root), "--out", str(out), "--wandb"]) == 0
+    (path,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    run = offline_run(out, path.stem.split("-", 1)[1])
+    assert run.run.job_type == "report" and run.run.run_group == "fake"
+    (row,) = run.rows_with("tables/stats")
+    pngs = sorted(p.stem for p in out.glob("*.png"))
+    assert pngs and {f"figures/{stem}" for stem in pngs} <= set(row)
+    assert all(row[f"figures/{stem}"]["_type"] == "image-file" for stem in pngs)
+    for name in report_wandb.REPORT_TABLES:
+        with open(out / name, newline="") as f:
+            n_rows = len(list(csv.DictReader(f)))
+        table = row[f"tables/{name.removesuffix('.csv')}"]
+        assert table["_type"] == "table-file" and table["nrows"] == n_rows > 0, name
+    assert run.run.config.update  # the sweep and its run counts
+    config = {item.key: json.loads(item.value_json) for item in run.run.config.update}
+    assert config["runs/completed"] == 4 and config["runs/failed"] == 1
+
+
+def test_the_wandb_group_and_project_of_the_report(tmp_path, monkeypatch, capsys):
+    """The group is the runs' experiment, --wandb-group where they name several; the project is --wandb-project
+    (ENTITY/PROJECT), else the runs' logger.project; a failed upload leaves the written report and exits 1."""
+    root = small_sweep(tmp_path / "a")
+    runs = report_runs.load_sweep(root)
+    assert report_wandb.report_target(runs) == report_wandb.Target(None, None, "fake")
+    assert report_wandb.report_target(runs, "me/proj", "g") == report_wandb.Target("proj", "me", "g")
+    for folder in root.iterdir():
+        config = folder / ".hydra" / "config.yaml"
+        config.write_text(config.read_text() + "logger:\n  name: wandb\n  project: mine\n  entity: team\n")
+    assert report_wandb.report_target(report_runs.load_sweep(root)) == report_wandb.Target("mine", "team", "fake")
+
+    shutil.copytree(small_sweep(tmp_path / "b", experiment="other"), root / "b")
+    assert report_cli.main([str(root), "--out", str(tmp_path / "rep"), "--wandb", "--no-figures"]) == 2
+    assert "several experiments (fake, other)" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()  # refused before anything is written
+
+    def offline_fails(*args, **kwargs):
+        raise RuntimeError("no space left for the offline run")
+
+    monkeypatch.setattr(report_wandb, "log_report", offline_fails)
+    assert report_cli.main([str(root), "--out", str(tmp_path / "rep"), "--wandb", "--wandb-group", "g",
+                            "--no-figures"]) == 1
+    assert "could not log it to W&B: RuntimeError: no space left" in capsys.readouterr().err
+    assert (tmp_path / "rep" / "report.md").is_file()
+
+
+def write_pending(folder, loss, beta, seed):
+    """Hydra's record of a launch where it waits until the run's checks pass (conf/config.yaml's output_subdir)."""
+    write_hydra(folder / "launch", loss, beta, seed)
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    (folder / "launch" / ".hydra").rename(folder / artifacts.HYDRA_PENDING)
+    (folder / "launch").rmdir()
+
+
+def test_a_job_stopped_before_its_checks_passed_is_a_failed_run(tmp_path):
+    """A job with only .hydra/pending (it stopped before isdpo.run_guard adopted Hydra's record) is listed as a
+    failed run, identified from that record; beside a run's own .hydra, a pending record (a refused later launch)
+    is not read."""
+    root = tmp_path / "sweep"
+    write_run(job(root, "dpo", 0.1, 0), "dpo", 0.1, 0)
+    stopped = job(root, "isdpo", 0.1, 0)
+    write_pending(stopped, "isdpo", 0.1, 0)
+    refused = job(root, "dpo", 0.1, 1)
+    write_run(refused, "dpo", 0.1, 1)
+    write_pending(refused, "isdpo", 0.5, 7)
+    bare = job(root, "dpo", 0.1, 2)  # no .hydra of its own (older code): identified from result.json, not pending
+    write_run(bare, "dpo", 0.1, 2)
+    shutil.rmtree(bare / ".hydra")
+    write_pending(bare, "isdpo", 0.5, 7)
+
+    runs = {r.name: r for r in report_runs.load_sweep(root)}
+    assert set(runs) == {refused.name, bare.name, job(root, "dpo", 0.1, 0).name, stopped.name}
+    assert (runs[bare.name].status, runs[bare.name].loss, runs[bare.name].beta) == ("completed", "dpo", 0.1)
+    assert runs[bare.name].config is None and any("not read" in note for note in runs[bare.name].notes)
+    run = runs[stopped.name]
+    assert (run.status, run.task, run.loss, run.beta, run.seed) == ("failed", "synthetic", "isdpo", 0.1, 0)
+    assert "only in .hydra/pending" in run.reason and "config checks" in run.reason
+    assert (runs[refused.name].status, runs[refused.name].loss, runs[refused.name].seed) == ("completed", "dpo", 1)
+    assert "not passed its config checks" in runs[refused.name].notes[0]
+    md = report_build.build_report(root, tmp_path / "rep", figures=False, log=lambda msg: None).read_text()
+    failed = md.split("## Incomplete and failed runs")[1]
+    assert f"| `{stopped.name}` | isdpo | 0.1 | 0 | failed | Hydra's record only in .hydra/pending" in failed
+    assert "3 completed, 0 incomplete, 1 failed" in md
+
+    run_guard.adopt_hydra_record(stopped)  # what the run does once its checks pass: now an ordinary record
+    run = {r.name: r for r in report_runs.load_sweep(root)}[stopped.name]
+    assert (run.status, run.loss, run.seed) == ("failed", "isdpo", 0) and "no metrics.jsonl" in run.reason
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,6 +709,7 @@ def test_a_refused_rerun_does_not_relabel_the_run(tmp_path):
 def test_the_report_reads_the_file_the_run_guard_writes():
     """The report names run_config.json itself (it does not import the training stack): the same name."""
     assert report_runs.RUN_CONFIG == artifacts.RUN_CONFIG
+    assert report_runs.HYDRA_PENDING == artifacts.HYDRA_PENDING
 
 
 def test_golden_reward_beside_the_win_rate(sweep, built):

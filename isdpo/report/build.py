@@ -9,11 +9,11 @@ from isdpo.report.claims import claim_rows, claims_markdown, claims_note
 from isdpo.report.files import write_text
 from isdpo.report.plots import FIGURE_KEYS, FIGURES, PER_INSTANCE_FIGURES, save_figure, series_colours, svg_path
 from isdpo.report.quantities import cross_fitted
-from isdpo.report.runs import HYDRA_CONFIG, INSTANCE_KEY, METRICS, RESULT, Run, load_sweep
+from isdpo.report.runs import HYDRA_CONFIG, HYDRA_PENDING, INSTANCE_KEY, METRICS, RESULT, Run, load_sweep
 from isdpo.report.stats import interval_note
 from isdpo.report.tables import markdown_table, md_escape, run_rows, setting_columns, statistics_markdown, \
     statistics_rows, summarise, write_csv
-from isdpo.report.wandb import fetch_wandb, wandb_markdown
+from isdpo.report.wandb import fetch_wandb, log_to_wandb, report_target, wandb_markdown
 
 def make_figures(runs: list[Run], out: Path, show_seeds: bool = False) -> dict[str, list[tuple[Path, str]]]:
     """Draw and save (PNG and SVG) every figure of ``plots.FIGURES`` per task, and the per-instance variant
@@ -46,6 +46,14 @@ def make_figures(runs: list[Run], out: Path, show_seeds: bool = False) -> dict[s
 
 class NoRuns(Exception):
     """The sweep folder holds no run folder."""
+
+
+class NotLogged(Exception):
+    """The report is written (``report``: its report.md) but logging it to W&B failed."""
+
+    def __init__(self, report: Path, error: Exception):
+        super().__init__(f"{error.__class__.__name__}: {error}")
+        self.report = report
 
 
 def _slug(text: str) -> str:
@@ -86,17 +94,21 @@ def statistics_section(stats: list[dict], claims: list[dict], instance_key: str 
 
 def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None = None,
                  show_seeds: bool = False, figures: bool = True, log: Callable[[str], None] = print,
-                 instance_key: str = INSTANCE_KEY) -> Path:
+                 instance_key: str = INSTANCE_KEY, log_wandb: bool = False, wandb_group: str | None = None) -> Path:
     """Write report.md, summary.csv, runs.csv, stats.csv, claims.csv and (unless ``figures=False``) the figures
     (PNG and SVG) for ``sweep`` into ``out``. ``instance_key``: the config key naming the task instance.
+    ``wandb_project``: also list that W&B project's runs. ``log_wandb``: then log the report (figures and CSV
+    tables) as a W&B run of job_type ``report`` into ``wandb_group`` of ``wandb_project`` (default: the group and
+    project the runs logged into; ``report.wandb.NoTarget`` before anything is written when they name none).
 
-    Returns the path of report.md.
+    Returns the path of report.md; raises :class:`NotLogged` when it is written but logging it failed.
     """
     sweep = Path(sweep)
     out = Path(out) if out else sweep / "report"
     runs = load_sweep(sweep, exclude=out, instance_key=instance_key)
     if not runs:  # before creating ``out``: no empty report folder is left behind
-        raise NoRuns(f"no runs under {sweep} (no {RESULT}, {METRICS} or {HYDRA_CONFIG})")
+        raise NoRuns(f"no runs under {sweep} (no {RESULT}, {METRICS}, {HYDRA_CONFIG} or {HYDRA_PENDING}/)")
+    target = report_target(runs, wandb_project, wandb_group) if log_wandb else None  # refused before any write
     out.mkdir(parents=True, exist_ok=True)
     counts = {s: sum(r.status == s for r in runs) for s in ("completed", "incomplete", "failed", "duplicate")}
     log(f"[report] {len(runs)} runs under {sweep}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
@@ -178,6 +190,14 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
     report = write_text(out / "report.md", "\n".join(md))
     if problems:
         log(f"[report] {len(problems)} run(s) not completed, listed in report.md")
+    if target is not None:
+        log(f"[report] logging the report to W&B (group {target.group!r}) ...")
+        try:
+            log_to_wandb(out, [path for task in sorted(pngs) for path, _ in pngs[task]], target,
+                         config={"sweep": str(sweep.resolve()), "instance_key": instance_key,
+                                 **{f"runs/{s}": n for s, n in counts.items()}}, log=log)
+        except Exception as err:  # noqa: BLE001 - no wandb, no network, a refused key: the local report stands
+            raise NotLogged(report, err) from err
     return report
 
 

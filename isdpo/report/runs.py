@@ -22,8 +22,10 @@ import yaml  # PyYAML, a dependency of omegaconf
 from isdpo.schema import default_of, flatten
 
 # A run folder's files (``isdpo.artifacts`` has the same names; the report does not import the training stack)
-RESULT, METRICS, HYDRA_CONFIG, HYDRA_OVERRIDES = "result.json", "metrics.jsonl", ".hydra/config.yaml", \
-    ".hydra/overrides.yaml"
+RESULT, METRICS, HYDRA_CONFIG = "result.json", "metrics.jsonl", ".hydra/config.yaml"
+#: Where Hydra writes its record of a launch until the run's checks pass (``isdpo.run_guard.adopt_hydra_record``
+#: then moves it up to ``.hydra``): a job that stopped before that has only this one.
+HYDRA_PENDING = ".hydra/pending"
 RUN_CONFIG = "run_config.json"
 
 #: Top-level config keys that say where and under which name a run wrote, not what it computed: they never
@@ -158,7 +160,8 @@ def resolve(flat: dict[str, Any], key: str, _depth: int = 0):
 
 
 def discover(root: Path, exclude: Path | None = None) -> list[Path]:
-    """Folders under ``root`` (``root`` included) that hold result.json, metrics.jsonl or .hydra/config.yaml.
+    """Folders under ``root`` (``root`` included) that hold result.json, metrics.jsonl or Hydra's config.yaml
+    (in ``.hydra`` or ``.hydra/pending``: a job that stopped before its checks passed is a failed run too).
 
     A run folder is not searched further: runs do not nest, and its checkpoints
     and policy folders are large.
@@ -170,7 +173,8 @@ def discover(root: Path, exclude: Path | None = None) -> list[Path]:
         if exclude is not None and here.resolve() == exclude:
             dirnames[:] = []
             continue
-        if RESULT in filenames or METRICS in filenames or (here / HYDRA_CONFIG).is_file():
+        if RESULT in filenames or METRICS in filenames or (here / HYDRA_CONFIG).is_file() or \
+                (here / HYDRA_PENDING / "config.yaml").is_file():
             found.append(here)
             dirnames[:] = []
         else:
@@ -217,17 +221,32 @@ def to_int(value) -> int | None:
         return None
 
 
+def only_pending(folder: Path) -> bool:
+    """Hydra's record of the run is only in ``.hydra/pending``: the job stopped (or is still starting) before its
+    config checks passed. Beside anything a run writes once they pass (``.hydra/config.yaml``, run_config.json,
+    metrics, result) the pending record is a later, refused launch's, never the run's."""
+    return (folder / HYDRA_PENDING / "config.yaml").is_file() and \
+        not any((folder / name).is_file() for name in (HYDRA_CONFIG, RUN_CONFIG, METRICS, RESULT))
+
+
+def hydra_file(folder: Path, name: str) -> Path:
+    """``name`` (config.yaml, overrides.yaml) of the run's Hydra record: ``.hydra``, or ``.hydra/pending`` when
+    that is all the job left."""
+    return folder / (HYDRA_PENDING if only_pending(folder) else ".hydra") / name
+
+
 def read_config(folder: Path) -> tuple[dict[str, Any] | None, str]:
-    """The flattened .hydra/config.yaml of a run folder as written (interpolations unresolved), or (None, why)."""
-    path = folder / HYDRA_CONFIG
+    """The flattened Hydra config.yaml of a run folder as written (interpolations unresolved), or (None, why)."""
+    path = hydra_file(folder, "config.yaml")
+    shown = path.relative_to(folder)
     if not path.is_file():
-        return None, f"no {HYDRA_CONFIG}"
+        return None, f"no {shown}"
     try:
         cfg = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        return None, f"{HYDRA_CONFIG} unreadable ({err.__class__.__name__})"
+        return None, f"{shown} unreadable ({err.__class__.__name__})"
     if not isinstance(cfg, dict):
-        return None, f"{HYDRA_CONFIG} is not a mapping"
+        return None, f"{shown} is not a mapping"
     return flatten(cfg), ""
 
 
@@ -291,9 +310,10 @@ def _identity_from_hydra(folder: Path, config: dict[str, Any] | None) -> dict:
 
 
 def read_overrides(folder: Path) -> list[tuple[str, str]]:
-    """(key, value) of each line of .hydra/overrides.yaml (``+``/``~`` prefixes dropped); [] when unreadable."""
+    """(key, value) of each line of the Hydra record's overrides.yaml (``+``/``~`` prefixes dropped); [] when
+    unreadable."""
     try:
-        items = yaml.safe_load((folder / HYDRA_OVERRIDES).read_text()) or []
+        items = yaml.safe_load(hydra_file(folder, "overrides.yaml").read_text()) or []
     except (OSError, yaml.YAMLError):
         return []
     if not isinstance(items, list):
@@ -339,6 +359,9 @@ def load_run(folder: Path, root: Path) -> Run:
     elif run.config is None and result is not None:
         run.notes.append(f"{why}: identified from result.json (task, loss, beta, seed) only; "
                          "the swept settings it cannot show are ? in the tables")
+    if (folder / HYDRA_PENDING).is_dir() and not only_pending(folder):
+        run.notes.append(f"a later launch in this folder has not passed its config checks (refused, or still "
+                         f"starting): its record in {HYDRA_PENDING} is not read")
     ident = _identity_from_hydra(folder, run.config)
     src = result or {}
     run.task = src.get("task") or ident.get("task")
@@ -360,12 +383,15 @@ def load_run(folder: Path, root: Path) -> Run:
         elif (folder / METRICS).is_file():
             run.status, run.reason = "failed", "no result.json and empty metrics.jsonl"
         else:
-            started = ""
-            if (folder / HYDRA_CONFIG).is_file():
-                age = _age(time.time() - (folder / HYDRA_CONFIG).stat().st_mtime)
-                started = f"; .hydra written {age} ago (a job that has just started looks the same)"
+            started, record = "", hydra_file(folder, "config.yaml")
+            if record.is_file():
+                age = _age(time.time() - record.stat().st_mtime)
+                started = f"; {record.parent.relative_to(folder)} written {age} ago (a job that has just started " \
+                          "looks the same)"
             run.status = "failed"
-            run.reason = "no result.json and no metrics.jsonl (crashed before the first evaluation?)" + started
+            run.reason = ("Hydra's record only in .hydra/pending: the job stopped before its config checks passed "
+                          "(refused, or killed while starting)" if only_pending(folder) else
+                          "no result.json and no metrics.jsonl (crashed before the first evaluation?)") + started
     elif result.get("status") != "completed":
         detail = result.get("error") or result.get("message")
         run.status = "failed"
