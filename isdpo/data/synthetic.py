@@ -21,9 +21,9 @@ Why this design (see also README "The synthetic task"):
   never makes raises the visible term but the fluency penalty, hidden from the
   data, makes the golden reward of such responses collapse. IS-DPO
   down-weights pairs the policy has moved away from, which is the regulariser
-  under study. Without the fluency term, drift would cost nothing (nothing to
-  over-optimize); a term the pairs fully reveal (e.g. log-likelihood) makes
-  every method over-optimize: both were observed in an earlier experiment.
+  under study. A term the pairs fully reveal (e.g. log-likelihood) makes every
+  method over-optimize; how much of DPO's drop the hidden term causes is measured,
+  not assumed (docs/method.md, section 6).
 * **Held-out prompts.** A seeded hash of each prompt's chain tokens puts a fixed share of the prompt space
   (``heldout_fraction``) aside: evaluation prompts and held-out pairs are drawn from it, and no SFT sequence or
   preference pair starts with one of its prompts, so the curve is measured on prompts training never saw.
