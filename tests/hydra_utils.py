@@ -24,8 +24,9 @@ SMALL = [
 ]
 
 
-def compose_cfg(overrides: list[str], tmp_path: Path | None = None, *, run: bool = True):
-    """The composed config; with ``tmp_path`` its output and cache dirs point there."""
+def compose_cfg(overrides: list[str], tmp_path: Path | None = None, *, run: bool = True, cache_dir: Path | None = None):
+    """The composed config; with ``tmp_path`` its output and cache dirs point there (the cache to ``cache_dir``
+    when given: tests that build the same entries share one, conftest's ``shared_cache``)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
@@ -34,7 +35,7 @@ def compose_cfg(overrides: list[str], tmp_path: Path | None = None, *, run: bool
         HydraConfig.instance().set_config(cfg)
         if tmp_path is not None:
             cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.paths.cache_dir = str(tmp_path / "cache")
+            cfg.paths.cache_dir = str(cache_dir or tmp_path / "cache")
         if not run:
             return cfg
         # launch.py's task function never sees the hydra node; ${hydra:...} resolves through HydraConfig.

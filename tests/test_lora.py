@@ -22,6 +22,7 @@ from isdpo.stages import run_stage
 from isdpo.stages.common import task_of
 from tests.fixtures_text import WORDS, build_tiny_llama, build_tokenizer, write_jsonl
 from tests.hydra_utils import SMALL, compose_cfg
+from tests.resume_harness import resume_after_crash
 
 peft = pytest.importorskip("peft")
 
@@ -214,49 +215,22 @@ def test_merge_adapters_leaves_the_policy_as_it_is(tiny_lm):
     assert merge_adapters(reference) is reference
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_with_adapters_gives_the_same_numbers_as_no_interruption(tmp_path, monkeypatch):
     """As tests/test_stages.py's resume test, with peft=lora: uninterrupted 8 steps vs. killed at step 6
     (checkpoint at step 4, the adapters only) and restarted."""
-    import lightning as L
-
-    from isdpo.stages import align
-
-    common = LORA_RUN + ["task.train.checkpoint_every_n_steps=4", "task.train.warmup_steps=2"]
-    ref = compose_cfg(common, tmp_path / "a")
-    ref.paths.cache_dir = str(tmp_path / "cache")
-    expected = run_stage(ref)
-    cfg = compose_cfg(common, tmp_path / "b")
-    cfg.paths.cache_dir = str(tmp_path / "cache")
-
-    class CrashAt(L.Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 6:
-                raise Crash()
-
-    real_build = align.build_trainer
-    monkeypatch.setattr(align, "build_trainer",
-                        lambda *a, **k: real_build(*a, **{**k, "callbacks": k["callbacks"] + [CrashAt()]}))
-    with pytest.raises(Crash):
-        run_stage(cfg)
-    monkeypatch.setattr(align, "build_trainer", real_build)
-    resumed = run_stage(cfg)
-    a = [json.loads(x) for x in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    run = resume_after_crash(LORA_RUN + ["task.train.checkpoint_every_n_steps=4", "task.train.warmup_steps=2"],
+                             tmp_path, monkeypatch, crash_at_step=6)
+    a, b = run.metrics(run.a), run.metrics(run.b)
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 4, 8]
     for ra, rb in zip(a, b):
         for key in ("win_rate", "kl", "golden_reward", "loss"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
     assert a[-1]["kl"] > 0
-    pa = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    pb = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    pa, pb = run.checkpoint(run.a), run.checkpoint(run.b)
     assert set(pa) == set(pb) and pa and all(".lora_" in k for k in pa)
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
-    assert resumed["final"]["kl"] == pytest.approx(expected["final"]["kl"], rel=1e-5, abs=1e-6)
+    assert run.resumed["final"]["kl"] == pytest.approx(run.expected["final"]["kl"], rel=1e-5, abs=1e-6)
 
 
 def test_sft_with_adapters_publishes_a_merged_plain_model(tmp_path):
