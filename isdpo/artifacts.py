@@ -40,7 +40,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from isdpo.data.text import as_plain, data_spec, tokenizer_source
+from isdpo.data.records import data_spec
+from isdpo.data.rows import as_plain
+from isdpo.data.tokenization import tokenizer_source
 from isdpo.distributed import rank_world
 from isdpo.schema import RELABEL_FORMATS
 

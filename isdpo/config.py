@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from isdpo import schema
-from isdpo.data.text import DataError
+from isdpo.data.rows import DataError
 from isdpo.judge import JudgeError
 from isdpo.losses import build_loss
 from isdpo.models import DTYPES

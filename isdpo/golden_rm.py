@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from isdpo.artifacts import check_complete, model_subdir, read_meta
 from isdpo.data.collate import pad_sequences
-from isdpo.data.text import encode_prompts, encode_responses, fit_lengths
+from isdpo.data.tokenization import encode_prompts, encode_responses, fit_lengths
 from isdpo.logprobs import inference, position_ids_from_mask
 from isdpo.models import release_gguf_quantizer, torch_dtype
 

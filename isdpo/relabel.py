@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from isdpo.data.text import encode_prompts, fit_lengths
+from isdpo.data.tokenization import encode_prompts, fit_lengths
 from isdpo.logprobs import response_logps
 from isdpo.sampling import sample_responses
 from isdpo.schema import RELABEL_PAIRINGS

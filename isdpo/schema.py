@@ -34,7 +34,7 @@ RELABEL_PAIRINGS = ("best_worst", "all")
 RELABEL_FORMATS = ("jsonl", "parquet")
 PREFERENCES = ("relabelled", "dataset")
 REFERENCES = ("chosen", "rejected")
-PAIR_FORMATS = ("auto", "standard", "conversational")  # task=preference: TRL's formats (isdpo/data/text.py)
+PAIR_FORMATS = ("auto", "standard", "conversational")  # task=preference: TRL's formats (isdpo/data/trl_formats.py)
 PEFT_BACKENDS = ("none", "lora")
 PEFT_STAGES = ("sft", "align")  # the stages that train cfg.model (the golden RM's adapters: task.reward.lora)
 SEED_LIMIT = 2**32  # numpy's and torch's seeds are unsigned 32-bit
@@ -477,7 +477,7 @@ class TextEval(Eval):
 @dataclass
 class TokenizedTaskConfig(TaskConfig):
     """What the tasks on text data share (TL;DR and HH, your own pairs): the hub data set and the truncation
-    policy (isdpo/data/text.py)."""
+    policy (isdpo/data/tokenization.py)."""
 
     needs_tokenizer: ClassVar[bool] = True
 

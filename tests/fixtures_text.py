@@ -4,7 +4,7 @@ conf/task/{tldr,hh}.yaml at them.
 
     python tests/fixtures_text.py models/tiny_llama   # builds the stand-ins there (for CLI smoke runs)
 
-The schemas are those of the real hub data sets (see isdpo/data/text.py): TL;DR preferences
+The schemas are those of the real hub data sets (see isdpo/data/records.py): TL;DR preferences
 (``query``, ``chosen``, ``rejected`` with a leading space and a literal ``<|endoftext|>``), the
 TL;DR SFT split (``query``, ``reference_response``), Anthropic-HH (``prompt``, ``response``,
 ``chosen``, ``rejected``, with a few chosen == rejected pairs as the real set has).

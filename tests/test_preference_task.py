@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from isdpo.config import ConfigError, validate
-from isdpo.data.text import DataError, holdout_split, preference_pairs, read_preference_rows
+from isdpo.data.rows import DataError, holdout_split
+from isdpo.data.trl_formats import preference_pairs, read_preference_rows
 from isdpo.stages import run_stage
 from isdpo.tasks.preference import PreferenceRuntime
 from tests.fixtures_text import WORDS, build_tiny_llama, build_tokenizer, write_jsonl

@@ -4,7 +4,9 @@ import re
 
 import pytest
 
-from isdpo.data.text import DataError, fit_lengths, load_pairs, load_sft, read_table, tokenize_pairs, tokenize_sft
+from isdpo.data.records import load_pairs, load_sft
+from isdpo.data.rows import DataError, read_table
+from isdpo.data.tokenization import TruncationStats, fit_lengths, tokenize_pairs, tokenize_sft
 from isdpo.tasks.text import TextRuntime
 from tests.fixtures_text import build_standins, build_tokenizer, hh_rows, text_overrides, write_jsonl
 from tests.hydra_utils import CONF, compose_cfg
@@ -43,8 +45,6 @@ def test_tldr_schema_is_read_and_tokenized(cfg_of):
 
 
 def test_truncation_policy_keeps_the_prompt_end_and_bos():
-    from isdpo.data.text import TruncationStats
-
     stats = TruncationStats()
     prompt, (c, r) = fit_lengths([1, 10, 11, 12, 13, 14], [[20, 21, 22], [30]], max_length=7, max_prompt_length=4,
                                  bos_id=1, stats=stats)

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from isdpo.artifacts import publish, relabel_dir, reward_dir
-from isdpo.data.text import as_plain, data_spec, get_tokenizer, load_pairs, subsample
+from isdpo.data.records import data_spec, load_pairs
+from isdpo.data.rows import as_plain, subsample
+from isdpo.data.tokenization import get_tokenizer
 from isdpo.golden_rm import GoldenRM
 from isdpo.models import freeze, load_causal_lm
 from isdpo.relabel import generate_pairs, relabel_pairs, write_rows

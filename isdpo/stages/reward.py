@@ -10,7 +10,9 @@ from torch.utils.data import DataLoader
 
 from isdpo.artifacts import publish, reward_dir, reward_key
 from isdpo.data.loader import plan_steps
-from isdpo.data.text import as_plain, get_tokenizer, load_pairs, require_nonempty, subsample, tokenize_pairs
+from isdpo.data.records import load_pairs
+from isdpo.data.rows import as_plain, require_nonempty, subsample
+from isdpo.data.tokenization import get_tokenizer, tokenize_pairs
 from isdpo.golden_rm import load_reward_model, score_head_names
 from isdpo.models import merge_adapters
 from isdpo.module import RewardModule

@@ -3,7 +3,7 @@
 - Data: a hub data set (``dataset`` + ``splits``) or local files (``data_files``: JSONL, JSON, Parquet,
   CSV) in the standard, conversational or implicit-prompt format, with ``columns`` naming the columns;
   conversations are rendered with the tokenizer's chat template (or ``chat_template``). Loading, checking
-  and rendering: :func:`isdpo.data.text.preference_pairs`; the truncation policy is the text tasks'.
+  and rendering: :func:`isdpo.data.trl_formats.preference_pairs`; the truncation policy is the text tasks'.
 - Held-out pairs: the given eval file or split, else a seeded ``eval.holdout_fraction`` of the training
   rows (carved before anything is dropped, so the split depends on the file and the seed only).
 - Behaviour log-probs in the data (``columns.chosen_logp``/``rejected_logp``) become the pairs'
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from isdpo.artifacts import data_key
-from isdpo.data.text import (BadRows, DataError, as_plain, get_tokenizer, holdout_split, preference_pairs,
-                             read_preference_rows, require_nonempty, subsample, tokenize_pairs, tokenizer_source)
+from isdpo.data.rows import BadRows, DataError, as_plain, holdout_split, require_nonempty, subsample
+from isdpo.data.tokenization import get_tokenizer, tokenize_pairs, tokenizer_source
+from isdpo.data.trl_formats import preference_pairs, read_preference_rows
 from isdpo.models import load_tokenizer
 from isdpo.ref_cache import add_reference_logps
 from isdpo.tasks.base import register

@@ -3,7 +3,7 @@
 - ``sft_examples()``: the pooled SFT set (paper: TL;DR SFT split + HH chosen responses).
 - ``preference_examples(reference, reference_dir)``: the golden-RM-labelled pairs written by
   stage=relabel (``task.train.preferences=relabelled``, the paper) or the data set's own pairs
-  (``dataset``), tokenized under the truncation policy of isdpo.data.text, with the reference
+  (``dataset``), tokenized under the truncation policy of isdpo.data.tokenization, with the reference
   log-probs precomputed and cached (isdpo.ref_cache) when ``task.train.precompute_ref_logps``.
 - ``evaluator(reference, eval_cfg)``: N distinct prompts of the eval split x k policy samples,
   each compared by golden-RM score with the data set's reference completion (the chosen
@@ -22,8 +22,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from isdpo.artifacts import atomic_path, check_complete, pairs_file, relabel_dir, reward_dir, sft_data_key
-from isdpo.data.text import (as_plain, data_spec, get_tokenizer, load_pairs, load_sft, read_table, require_nonempty,
-                             subsample, tokenize_pairs, tokenize_sft, tokenizer_source)
+from isdpo.data.records import data_spec, load_pairs, load_sft
+from isdpo.data.rows import as_plain, read_table, require_nonempty, subsample
+from isdpo.data.tokenization import get_tokenizer, tokenize_pairs, tokenize_sft, tokenizer_source
 from isdpo.evaluate import Evaluator
 from isdpo.golden_rm import GoldenRM
 from isdpo.schema import PREFERENCES, REFERENCES
