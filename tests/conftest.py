@@ -1,9 +1,11 @@
 import fcntl
 import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from xdist.scheduler import LoadScopeScheduling
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -11,15 +13,56 @@ os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(1)
 
 
+def idle_cores(seconds: float = 0.5) -> float:
+    """Cores left idle over the next ``seconds``, from /proc/stat (the load average lags by minutes: right after a
+    pip install or another test run it still reads busy on an idle machine); cpu_count where /proc/stat is absent."""
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all jiffies, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return float(os.cpu_count() or 1)
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(total1 - total0, 1)
+
+
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): the whole suite runs on the idle cores, a file's tests on one worker (their
-    module fixtures are built once). Chosen tests (paths or node ids on the command line) run in this one process,
-    where -s, --pdb and a quick rerun work as usual; so does the suite on a busy machine, where a second worker
-    would only take CPU from the first and push the timed subprocess tests past their limits. ``-n N`` decides."""
+    """``-n auto`` (pyproject's addopts): the whole suite runs on the idle cores. Chosen tests (paths or node ids on
+    the command line) run in this one process, where -s, --pdb and a quick rerun work as usual; so does the suite on
+    a busy machine, where a second worker would only take CPU from the first and push the timed subprocess tests
+    past their limits. ``-n N`` decides."""
     if config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
         return 0
-    idle = round(os.cpu_count() - os.getloadavg()[0])
+    idle = round(idle_cores())
     return idle if idle >= 2 else 0
+
+
+class OneSlurmUnit(LoadScopeScheduling):
+    """Work units for the suite on several workers: every test a unit of its own, so the workers stay busy to the
+    end, except the SLURM tests, one unit: on one worker, one at a time, the cluster theirs (a job queued behind
+    another test's would run into its timeouts). It is the largest unit, so it starts first, and its waits on the
+    cluster overlap the other worker's tests. xdist's own ``--dist loadgroup`` would do this from an
+    ``xdist_group`` mark, but under pytest 9.2 it drops the groups silently (pytest-xdist#1386), and the scheduler
+    sees node ids only: a SLURM test is one whose id says "slurm" (``pytest_collection_modifyitems`` holds every
+    test marked ``slurm`` to that)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return "slurm" if "slurm" in nodeid else nodeid
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``-n`` without a ``--dist`` of one's own (xdist's default, "load"): :class:`OneSlurmUnit`."""
+    return OneSlurmUnit(config, log) if config.getvalue("dist") == "load" else None
+
+
+def pytest_collection_modifyitems(config, items):
+    unnamed = [item.nodeid for item in items if item.get_closest_marker("slurm") and "slurm" not in item.nodeid]
+    if unnamed:
+        raise pytest.UsageError("a test marked slurm must say slurm in its file or test name (conftest's "
+                                f"OneSlurmUnit schedules the SLURM tests by name): {', '.join(unnamed)}")
 
 
 def session_folder(tmp_path_factory) -> Path:
