@@ -1,6 +1,7 @@
 """The README's first hour: a user's mistake (config, data, paths) reads as one message naming the full key,
 without a traceback; a GGUF checkpoint says what it needs (the gguf package, model.gguf_file) before transformers
-fails on it; a finished run's checkpoints can go (task.train.keep_checkpoints=false)."""
+fails on it; a finished run's checkpoints can go (task.train.keep_checkpoints=false), not before its result.json,
+and its rerun trains nothing."""
 import importlib.util
 import os
 import subprocess
@@ -8,7 +9,10 @@ import sys
 
 import pytest
 
+from isdpo import stages
+from isdpo.artifacts import RESULT, WriteFailed, read_json
 from isdpo.config import ConfigError, validate
+from isdpo.run_guard import ConfigMismatch
 from isdpo.stages import run_stage
 from isdpo.trainer import accumulation
 from tests.hydra_utils import ROOT, SMALL, compose_cfg
@@ -63,12 +67,52 @@ def test_a_folder_holding_a_gguf_file_asks_for_model_gguf_file(tmp_path):
         validate(cfg)
 
 
-def test_keep_checkpoints_false_deletes_them_once_the_run_has_finished(tmp_path):
-    cfg = compose_cfg(SMALL + ["stage=align", "task.train.max_steps=2", "task.train.checkpoint_every_n_steps=1",
-                               "task.eval.every_n_steps=0", "task.train.keep_checkpoints=false"], tmp_path)
+KEEP_NONE = SMALL + ["stage=align", "task.train.max_steps=2", "task.train.checkpoint_every_n_steps=1",
+                     "task.eval.every_n_steps=0", "task.train.keep_checkpoints=false"]
+
+
+def test_keep_checkpoints_false_deletes_them_once_the_run_has_finished(tmp_path, shared_cache):
+    cfg = compose_cfg(KEEP_NONE, tmp_path, cache_dir=shared_cache)
     result = run_stage(cfg)
     out = tmp_path / "run"
     assert result["status"] == "completed" and result["final"]["step"] == 2
     assert not (out / "checkpoints").exists()
     assert (out / "policy" / "config.json").exists() and (out / "result.json").exists()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_checkpoints_outlive_a_crash_before_result_json(tmp_path, shared_cache, monkeypatch):
+    """A run that stops between its last step and result.json resumes at its end: nothing trains again."""
+    def full_disk(path, *args, **kwargs):
+        raise WriteFailed(f"{path}: no space left on device (ENOSPC)")
+
+    cfg = compose_cfg(KEEP_NONE, tmp_path, cache_dir=shared_cache)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(stages, "write_json", full_disk)
+        with pytest.raises(WriteFailed):
+            run_stage(cfg)
+    assert (out / "checkpoints" / "last.ckpt").exists() and not (out / RESULT).exists()
+    curve = (out / "metrics.jsonl").read_text()
+    result = run_stage(compose_cfg(KEEP_NONE, tmp_path, cache_dir=shared_cache))
+    assert result["final"]["step"] == 2 and (out / RESULT).exists() and not (out / "checkpoints").exists()
+    assert (out / "metrics.jsonl").read_text() == curve  # resumed at its end: no step trained, no point added
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_again(tmp_path, shared_cache, capsys):
+    cfg = compose_cfg(KEEP_NONE, tmp_path, cache_dir=shared_cache)
+    run_stage(cfg)
+    out = tmp_path / "run"
+    weights = out / "policy" / "model.safetensors"
+    before = (read_json(out / RESULT), weights.stat().st_mtime_ns, (out / "metrics.jsonl").read_text())
+    capsys.readouterr()
+    again = run_stage(compose_cfg(KEEP_NONE, tmp_path, cache_dir=shared_cache))
+    assert "nothing to train. To train it again in place: task.train.resume=false" in capsys.readouterr().out
+    assert again == before[0]
+    assert (read_json(out / RESULT), weights.stat().st_mtime_ns, (out / "metrics.jsonl").read_text()) == before
+    # another config in the folder is still refused, not passed off as finished
+    with pytest.raises(ConfigMismatch):
+        run_stage(compose_cfg(KEEP_NONE + ["task.train.lr=1e-4"], tmp_path, cache_dir=shared_cache))
+    # resume=false trains it again in place
+    retrained = run_stage(compose_cfg(KEEP_NONE + ["task.train.resume=false"], tmp_path, cache_dir=shared_cache))
+    assert retrained["final"]["step"] == 2 and weights.stat().st_mtime_ns != before[1]

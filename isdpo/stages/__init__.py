@@ -3,11 +3,12 @@ and reads and writes files under ``cfg.paths``; nothing here imports Hydra. One 
 ``STAGES`` maps ``stage=<name>`` to its function."""
 from __future__ import annotations
 
+import shutil
 from typing import Any, Callable
 
 import torch
 
-from isdpo.artifacts import RESULT, RUN_CONFIG, write_json
+from isdpo.artifacts import CHECKPOINT, RESULT, RUN_CONFIG, write_json
 from isdpo.distributed import rank_world
 from isdpo.host import reuse_freed_memory
 from isdpo.run_guard import adopt_hydra_record, run_folder_lock
@@ -50,7 +51,9 @@ def run_stage(cfg, fast_dev_run: bool = False) -> Any:
         result = STAGES[cfg.stage](cfg, fast_dev_run)
         timing = TIMER.end_run()
         if isinstance(result, dict) and result.get("status") == "completed":  # stage=align or pipeline, rank zero
-            result["timing"] = timing
+            result.setdefault("timing", timing)  # a finished run's rerun (nothing trained) keeps the run's own
             write_json(run_dir(cfg) / RESULT, result)
+            if not cfg.task.train.keep_checkpoints:  # only now: a crash before result.json resumes from them
+                shutil.rmtree((run_dir(cfg) / CHECKPOINT).parent, ignore_errors=True)
     return result
 

@@ -2,13 +2,12 @@
 over-optimization curve); writes metrics.jsonl, policy/, result.json and checkpoints/last.ckpt."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import lightning as L
 
-from isdpo.artifacts import CHECKPOINT, EVALUATION, METRICS, POLICY, RESULT, SAMPLES, read_jsonl
+from isdpo.artifacts import CHECKPOINT, EVALUATION, METRICS, POLICY, RESULT, SAMPLES, read_json, read_jsonl
 from isdpo.callbacks import EvalCallback, PairEvaluator
 from isdpo.data.loader import plan_steps
 from isdpo.distributed import rank_world
@@ -27,15 +26,24 @@ from isdpo.tracking import run_summary, write_run_summary
 from isdpo.trainer import accumulation, build_trainer, finish_logger, full_state_dict
 
 
+FINISHED = "finished"  # resume_point: the folder's run completed and left nothing to resume from
+
+
 def resume_point(cfg, out: Path, fast_dev_run: bool) -> str | None:
-    """The checkpoint to resume from (checked readable and from a run with the same config), or None."""
+    """The checkpoint to resume from (checked readable and from a run with the same config), :data:`FINISHED` when
+    the folder's run completed with this config and kept no checkpoint (task.train.keep_checkpoints=false, or
+    checkpoint_every_n_steps=0): its results stand, and training again would give the same numbers; or None."""
     ckpt = out / CHECKPOINT
     resume = str(ckpt) if cfg.task.train.resume and ckpt.exists() and not fast_dev_run else None
+    # Decided from the files alone, so every data-parallel rank decides the same.
+    finished = cfg.task.train.resume and not fast_dev_run and resume is None and (out / RESULT).exists()
     if rank_world()[0] != 0 or fast_dev_run:
-        return resume
+        return FINISHED if finished else resume
     if resume:
         check_checkpoint(ckpt)
     check_identity(out, plain(cfg), resuming=resume is not None, replace=not cfg.task.train.resume)
+    if finished:  # the identity check passed: the result is this config's
+        return FINISHED
     if not resume:  # a fresh start: an earlier run's result must not outlive it
         (out / RESULT).unlink(missing_ok=True)
     return resume
@@ -51,6 +59,10 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
     stage=evaluate need not run; a run resumed at its end evaluates nothing and leaves them unwritten."""
     out = run_dir(cfg)
     resume = resume_point(cfg, out, fast_dev_run)  # before anything expensive: a mismatch stops here
+    if resume == FINISHED:
+        print(f"[isdpo] {out} holds this run, completed (result.json), with no checkpoint to resume at its end: "
+              f"nothing to train. To train it again in place: task.train.resume=false")
+        return read_json(out / RESULT) if rank_world()[0] == 0 else {}
     if ref_dir is None:  # still None afterwards when the task's reference is model.pretrained (no SFT)
         ref_dir = run_sft(cfg, fast_dev_run=fast_dev_run)
     task = task_of(cfg)
@@ -132,8 +144,6 @@ def run_align(cfg, ref_dir: Path | None = None, fast_dev_run: bool = False, save
             print(f"[isdpo] policy/ holds LoRA adapters on the GGUF file {cfg.model.gguf_file}; load them with "
                   f'AutoPeftModelForCausalLM.from_pretrained("{out / POLICY}", gguf_file="{cfg.model.gguf_file}")')
         log_run_summary(logger, out, result["status"])
-        if not tr.keep_checkpoints:  # the run is whole: its policy/ and its curve are written
-            shutil.rmtree((out / CHECKPOINT).parent, ignore_errors=True)
         final = curve.last_evaluation
         # One process: the evaluated policy is the saved one (a sharded policy is evaluated again from policy/).
         if save_evaluation and final is not None and final[0] == trainer.global_step and trainer.world_size == 1:
