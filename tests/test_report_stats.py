@@ -123,6 +123,31 @@ def test_holm_by_hand_and_nan_is_no_test():
     assert report_stats.holm([])[0].size == 0
 
 
+def test_sign_test_by_hand():
+    assert report_stats.sign_test(10, 0) == pytest.approx(2 / 2 ** 10)  # both tails of the all-one-way outcome
+    assert report_stats.sign_test(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 2 ** 10)  # P(X <= 2) + P(X >= 8)
+    assert report_stats.sign_test(5, 5) == pytest.approx(1.0) and math.isnan(report_stats.sign_test(0, 0))
+
+
+@pytest.mark.parametrize("effects", ["normal", "cauchy"])
+def test_sign_test_holds_its_level_over_instances_whatever_their_spread(effects):
+    """Instance effects symmetric about zero (H0), normal or Cauchy (no mean, no variance): at K = 10 the sign
+    test rejects at 0.05 with the exact probability 22/1024 = 0.021 (conservative: the binomial has no outcome
+    between 0.021 and 0.109); 4000 draws, binomial sd 0.0023. A consistent shift is found: power at K = 10."""
+    rng = np.random.default_rng(11)
+    draw = {"normal": lambda: rng.normal(0.0, 1.0, 10), "cauchy": lambda: rng.standard_cauchy(10)}[effects]
+
+    def rejects(shift: float) -> float:
+        hits = 0
+        for _ in range(4000):
+            x = draw() + shift
+            hits += report_stats.sign_test(int((x > 0).sum()), int((x < 0).sum())) < 0.05
+        return hits / 4000
+
+    assert abs(rejects(0.0) - 22 / 1024) < 0.008
+    assert rejects(3.0) > 0.5  # normal: P(x > 0) = 0.9987 per instance; Cauchy: 0.90
+
+
 def test_cross_fit_by_hand():
     peak, drop = report_stats.cross_fit([0.5, 0.9, 0.6], [0.6, 0.7, 0.8])
     # argmax A = 1: B there 0.7, B final 0.8; argmax B = 2: A there 0.6, A final 0.6
@@ -303,6 +328,17 @@ def test_report_files_claims_csv_and_figures(grid, tmp_path):
     assert f"- {survivor['claim']} — **✓ survives Holm" in md
     loser = next(r for r in claims if r["survives_holm"] == "False" and r["p"] != "nan")
     assert f"- {loser['claim']} — ✗ not after Holm" in md
+    # The sign test over instances, on pooled rows only, with a Holm family of its own.
+    pooled = [r for r in claims if r["level"] == "pooled"]
+    assert all(r["p_sign"] == "nan" for r in claims if r["level"] == "instance")
+    for r in pooled:
+        assert float(r["p_sign"]) == pytest.approx(report_stats.sign_test(int(r["n_higher"]), int(r["n_lower"])),
+                                                   nan_ok=True)  # NaN: no instance differs
+    signed = [r for r in pooled if r["p_sign"] != "nan"]
+    expected = multipletests([float(r["p_sign"]) for r in signed], alpha=0.05, method="holm")
+    assert [float(r["p_sign_holm"]) for r in signed] == pytest.approx(list(expected[1]))
+    assert f"corrected by Holm over the {len(signed)} sign tests" in md
+    assert f"- {row['claim']}" in md and "sign test over instances p = 0.5" in md  # 2 of 2 instances higher
     with open(out / "stats.csv") as f:
         stats = list(csv.DictReader(f))
     assert {r["level"] for r in stats} == {"instance", "pooled"}

@@ -10,7 +10,7 @@ from isdpo.report.plots import loss_order
 from isdpo.report.quantities import CLAIM_QUANTITIES, TABLE_QUANTITIES, run_values
 from isdpo.report.runs import INSTANCE_KEY, UNUSED, Run, by_instance, format_value, loss_traits, short_names
 from isdpo.report.stats import LEVEL, Interval, claim, format_p, holm, instances_interval, paired_differences, \
-    pooled_claim, t_interval
+    pooled_claim, sign_test, t_interval
 from isdpo.report.tables import interval_fields, md_escape
 
 
@@ -101,13 +101,18 @@ def claim_rows(runs: list[Run], instance_key: str = INSTANCE_KEY) -> list[dict]:
     adjusted, survives = holm([r["p"] for r in rows])
     for row, p_holm, ok in zip(rows, adjusted, survives):
         row["p_holm"], row["survives_holm"] = float(p_holm), bool(ok)
+    # The sign tests are a family of their own (one per pooled row): a second test of the same rows, not a claim
+    # the first family could pick up after the fact.
+    adjusted, survives = holm([r["p_sign"] for r in rows])
+    for row, p_holm, ok in zip(rows, adjusted, survives):
+        row["p_sign_holm"], row["sign_survives_holm"] = float(p_holm), bool(ok)
     return rows
 
 
 def _claim_fields(interval: Interval) -> dict:
     """An interval's claims.csv columns; ``p_holm`` and ``survives_holm`` are set once the family is complete."""
     return {**interval_fields(interval), "p": interval.p, "p_holm": math.nan, "survives_holm": False,
-            "verdict": interval.verdict}
+            "verdict": interval.verdict, "p_sign": math.nan, "p_sign_holm": math.nan, "sign_survives_holm": False}
 
 
 def _pair_claims(task: str, a: str, b: str, beta: float, where: str, a_runs: list[Run], b_runs: list[Run],
@@ -147,6 +152,7 @@ def _pair_claims(task: str, a: str, b: str, beta: float, where: str, a_runs: lis
             rows.append({**base, "level": "pooled", "instance": f"pooled over {len(instances)}",
                          "n_instances": interval.n_strata, "n_pairs": interval.n, "n_unpaired": len(unpaired_all),
                          "unpaired": "; ".join(unpaired_all), **_claim_fields(interval), **counts,
+                         "p_sign": sign_test(counts["n_higher"], counts["n_lower"]),
                          "claim": pooled_claim(where, a, b, metric, interval, per_instance, fmt=fmt,
                                                unpaired=len(unpaired_all))})
     return rows
@@ -160,14 +166,23 @@ def holm_mark(row: dict) -> str:
     return f"✓ survives Holm ({adjusted})" if row["survives_holm"] else f"✗ not after Holm ({adjusted})"
 
 
+def sign_mark(row: dict) -> str:
+    """"; sign test over instances p = 0.002, ✗ not after Holm over the sign tests (p_holm = 0.06)" or "" (none)."""
+    if math.isnan(row.get("p_sign", math.nan)):
+        return ""
+    adjusted = format_p(row["p_sign_holm"]).replace("p ", "p_holm ", 1)
+    verdict = "✓ survives" if row["sign_survives_holm"] else "✗ not after"
+    return f"; sign test over instances {format_p(row['p_sign'])}, {verdict} Holm over the sign tests ({adjusted})"
+
+
 def claims_markdown(rows: list[dict]) -> list[str]:
     """The Claims section's lines for one task: per comparison, the pooled claims (when there are several
     instances) as a list and the per-instance ones (folded when pooled ones are shown), each marked with whether it
     survives Holm's correction."""
     def line(r: dict) -> str:
         mark = holm_mark(r)
-        return f"- {md_escape(r['claim'])}" + (f" — **{mark}**" if r["survives_holm"] else f" — {mark}" if mark
-                                                  else "")
+        return (f"- {md_escape(r['claim'])}" + (f" — **{mark}**" if r["survives_holm"] else f" — {mark}" if mark
+                                                   else "") + sign_mark(r))
 
     lines: list[str] = []
     for comparison in dict.fromkeys(r["comparison"] for r in rows):
@@ -187,6 +202,12 @@ def claims_markdown(rows: list[dict]) -> list[str]:
 def claims_note(rows: list[dict]) -> str:
     """How many claims the family holds and how many survive Holm's correction, for the section's caption."""
     tested = [r for r in rows if not math.isnan(r["p"])]
-    return (f"Holm's correction over the family of all {len(tested)} claims with a test in this report (per instance "
+    signs = [r for r in rows if not math.isnan(r.get("p_sign", math.nan))]
+    note = (f"Holm's correction over the family of all {len(tested)} claims with a test in this report (per instance "
             f"and pooled, every metric and comparison): {sum(r['survives_holm'] for r in tested)} survive at "
             f"{1 - LEVEL:g} (✓).")
+    if signs:
+        note += (f" Each pooled claim also gives the exact sign test over its instances (on how many a is higher; "
+                 f"nothing assumed of the sizes), corrected by Holm over the {len(signs)} sign tests: "
+                 f"{sum(r['sign_survives_holm'] for r in signs)} survive.")
+    return note

@@ -7,6 +7,8 @@ functions of numbers (numpy, scipy.stats, statsmodels). Why these and how well t
 - ``instances_interval``: task instances as a random sample: the mean of each instance's values, then
   ``t_interval`` across the K instance means (df K - 1); one instance: that instance's ``t_interval``.
 - ``holm``: Holm's step-down adjusted p-values of a family (statsmodels ``multipletests``).
+- ``sign_test``: the exact two-sided sign test over task instances (does a come out higher on more instances than
+  chance allows?), which assumes nothing of how large or how alike the instance effects are.
 - ``cross_fit``: peak and peak - final of a curve measured on two independent halves, the peak chosen on one half
   and read on the other.
 """
@@ -98,6 +100,14 @@ def holm(p_values: Sequence[float], *, alpha: float = 1.0 - LEVEL) -> tuple[np.n
     if tested.any():
         rejected[tested], adjusted[tested], _, _ = multipletests(p[tested], alpha=alpha, method="holm")
     return adjusted, rejected
+
+
+def sign_test(n_higher: int, n_lower: int) -> float:
+    """Two-sided p of the exact sign test, H0: an instance is as likely to favour a as b (the median instance effect
+    is zero): Binomial(n_higher + n_lower, 1/2); instances with no difference are left out. NaN without any; with K
+    instances it can be no smaller than 2^(1-K) (0.002 at K = 10)."""
+    n = n_higher + n_lower
+    return float(scipy_stats.binomtest(n_higher, n, 0.5).pvalue) if n else math.nan
 
 
 def cross_fit(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
