@@ -286,7 +286,7 @@ class Train:
     schedule: str = one_of(SCHEDULES)
     gradient_clip_val: float = ranged(NON_NEGATIVE)
     checkpoint_every_n_steps: int = ranged(NON_NEGATIVE)
-    keep_checkpoints: bool = True  # false: a finished run deletes checkpoints/ after result.json (policy/ and the curve stay)
+    keep_checkpoints: bool = True  # false: checkpoints/ go once result.json is written (policy/, the curve stay)
     resume: bool = MISSING
     response_only_logits: bool = MISSING
     length_grouped: bool = MISSING

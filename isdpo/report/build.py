@@ -183,9 +183,9 @@ def build_report(sweep: Path, out: Path | None = None, wandb_project: str | None
            "- `stats.csv`: the Statistics tables, one row per configuration × instance (level `instance`) or "
            "configuration pooled over instances (level `pooled`) × metric",
            "- `claims.csv`: the Claims, one row per comparison × context × instance or pooled × metric "
-           "(mean paired difference, t-interval, p, Holm-adjusted p, whether it survives Holm, verdict; pooled rows: the "
-           "sign test over instances `p_sign` and its own Holm family `p_sign_holm`, `sign_survives_holm`; the "
-           "sentence)"]
+           "(mean paired difference, t-interval, p, Holm-adjusted p, whether it survives Holm, verdict; pooled "
+           "rows: the sign test over instances `p_sign` and its own Holm family `p_sign_holm`, `sign_survives_holm`; "
+           "the sentence)"]
     md += [f"- `{path.name}`, `{svg_path(path).name}`: {caption.split('.')[0]}"
            for task in sorted(pngs) for path, caption in pngs[task]] + [""]
     report = write_text(out / "report.md", "\n".join(md))
