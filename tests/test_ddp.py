@@ -56,9 +56,9 @@ COLD = [
 COLD_TIMEOUT_S = 300
 
 
-def launch_cold(tmp_path: Path, overrides: list[str], launcher: tuple[str, ...] = ()) -> Path:
+def launch_cold(tmp_path: Path, overrides: list[str], launcher: tuple[str, ...] = ()) -> tuple[Path, str]:
     """``python [launcher] launch.py`` on an empty cache in its own process group (all ranks are killed on a
-    timeout); without a launcher, Lightning starts the second rank itself."""
+    timeout); without a launcher, Lightning starts the second rank itself. Returns the run folder and the log."""
     out, cache = tmp_path / "run", tmp_path / "cache"
     env = {**os.environ, "ISDPO_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "ISDPO_CACHE_WAIT_S": "240"}
     cmd = [sys.executable, *launcher, str(ROOT / "launch.py"), *overrides, f"hydra.run.dir={out}"]
@@ -72,7 +72,7 @@ def launch_cold(tmp_path: Path, overrides: list[str], launcher: tuple[str, ...] 
         pytest.fail(f"no exit within {COLD_TIMEOUT_S} s (deadlock?):\n{log[-4000:]}")
     assert proc.returncode == 0, log[-4000:]
     assert not list(cache.rglob(".tmp-*")), "temporary build directories left behind"
-    return out
+    return out, log
 
 
 def entries(cache: Path, kind: str) -> list[Path]:
@@ -86,7 +86,7 @@ def entries(cache: Path, kind: str) -> list[Path]:
 @pytest.mark.ddp
 @pytest.mark.parametrize("stage", ["sft", "align", "pipeline"])
 def test_cold_cache_two_ranks_synthetic(tmp_path, stage):
-    out = launch_cold(tmp_path, [f"stage={stage}", *COLD])
+    out, _ = launch_cold(tmp_path, [f"stage={stage}", *COLD])
     (sft,) = entries(tmp_path / "cache", "sft")  # one entry, published once (by rank 0)
     assert (sft / "model" / "model.safetensors").exists()
     if stage == "sft":
@@ -102,17 +102,23 @@ def test_cold_cache_two_ranks_synthetic(tmp_path, stage):
 @pytest.mark.ddp
 def test_cold_cache_two_ranks_under_torchrun(tmp_path):
     """Both ranks start together (no Lightning spawning): the SFT trains on both, rank 0 samples the pairs."""
-    out = launch_cold(tmp_path, ["stage=pipeline", *COLD],
-                      launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    out, _ = launch_cold(tmp_path, ["stage=pipeline", *COLD], launcher=torchrun)
     assert len(entries(tmp_path / "cache", "sft")) == 1 and len(entries(tmp_path / "cache", "preferences")) == 1
     assert (out / "evaluation.json").exists()
+    # The same command again: the run completed and kept no checkpoint (checkpoint_every_n_steps=0), so both
+    # ranks find it finished from the files and neither trains (nor waits for the other in a collective).
+    result = (out / "result.json").read_text()
+    _, log = launch_cold(tmp_path, ["stage=pipeline", *COLD], launcher=torchrun)
+    assert "nothing to train" in log and "training for" not in log, log[-3000:]
+    assert (out / "result.json").read_text() == result
 
 
 @pytest.mark.ddp
 def test_cold_cache_two_ranks_text_pipeline(tmp_path):
     """sft -> golden RM (trained on both ranks) -> relabel and reference log-probs (rank 0) -> align."""
     paths = build_standins(tmp_path / "standins", n_train=32, n_eval=8)
-    out = launch_cold(tmp_path, [*text_overrides(paths, "tldr"), "stage=pipeline", "hardware=cpu_ddp2",
+    out, _ = launch_cold(tmp_path, [*text_overrides(paths, "tldr"), "stage=pipeline", "hardware=cpu_ddp2",
                                  "task.eval.every_n_steps=0"])
     cache = tmp_path / "cache"
     assert len(entries(cache, "sft")) == 1  # the policy's and the RM base's SFT coincide (same model)
