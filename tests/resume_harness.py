@@ -47,12 +47,9 @@ def resume_after_crash(overrides: list[str], tmp_path: Path, monkeypatch: pytest
                        crash_at_step: int, cache_dir: Path | None = None) -> ResumedRun:
     """Run ``overrides`` uninterrupted, then again stopped at ``crash_at_step`` (a checkpoint must exist by then)
     and started again with the same config; both share one cache (``cache_dir``, else ``tmp_path/cache``)."""
-    cache = str(cache_dir or tmp_path / "cache")
-    ref = compose_cfg(overrides, tmp_path / "a")
-    ref.paths.cache_dir = cache
-    expected = run_stage(ref)
-    cfg = compose_cfg(overrides, tmp_path / "b")
-    cfg.paths.cache_dir = cache
+    cache = cache_dir or tmp_path / "cache"
+    expected = run_stage(compose_cfg(overrides, tmp_path / "a", cache_dir=cache))
+    cfg = compose_cfg(overrides, tmp_path / "b", cache_dir=cache)
     real_build = align.build_trainer
     with monkeypatch.context() as patch:
         patch.setattr(align, "build_trainer",

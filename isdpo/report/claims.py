@@ -168,7 +168,7 @@ def holm_mark(row: dict) -> str:
 
 def sign_mark(row: dict) -> str:
     """"; sign test over instances p = 0.002, ✗ not after Holm over the sign tests (p_holm = 0.06)" or "" (none)."""
-    if math.isnan(row.get("p_sign", math.nan)):
+    if math.isnan(row["p_sign"]):
         return ""
     adjusted = format_p(row["p_sign_holm"]).replace("p ", "p_holm ", 1)
     verdict = "✓ survives" if row["sign_survives_holm"] else "✗ not after"
@@ -202,7 +202,7 @@ def claims_markdown(rows: list[dict]) -> list[str]:
 def claims_note(rows: list[dict]) -> str:
     """How many claims the family holds and how many survive Holm's correction, for the section's caption."""
     tested = [r for r in rows if not math.isnan(r["p"])]
-    signs = [r for r in rows if not math.isnan(r.get("p_sign", math.nan))]
+    signs = [r for r in rows if not math.isnan(r["p_sign"])]
     note = (f"Holm's correction over the family of all {len(tested)} claims with a test in this report (per instance "
             f"and pooled, every metric and comparison): {sum(r['survives_holm'] for r in tested)} survive at "
             f"{1 - LEVEL:g} (✓).")
